@@ -1,0 +1,150 @@
+"""The one forward pass: training, scoring, prefill and decode all go through `forward`.
+
+Blocks run under one `lax.scan` over the stacked `layers` params. Every matmul with a weight
+asks `materialize(tree, name)` for the effective weight, which is how LoRA, QAT and other
+transforms compose without touching this file.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from alpaca_jax.config import ModelConfig
+from alpaca_jax.model.rope import apply_rope, inv_frequencies, rope_cos_sin
+
+Materialize = Callable[[dict, str], jax.Array]
+_MASKED = -1e30  # finite, so a row with every key masked (a left pad) stays NaN-free
+
+
+def identity(tree: dict, name: str) -> jax.Array:
+    """The default `materialize`: the stored weight, as is."""
+    return tree[name]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * y).astype(x.dtype)
+
+
+def linear(x: jax.Array, tree: dict, name: str, materialize: Materialize) -> jax.Array:
+    """x @ W_eff: the single place a weight meets an activation."""
+    w = materialize(tree, name)
+    return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
+
+
+def _attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, cfg: ModelConfig):
+    B, T, H, K = q_BxTxHxK.shape
+    G = cfg.num_kv_heads
+    q = q_BxTxHxK.reshape(B, T, G, H // G, K)  # query head h uses kv head h // (H // G), as HF
+    scores = jnp.einsum("btgrk,bsgk->bgrts", q, k_BxSxGxK).astype(jnp.float32)
+    scores = scores * (K ** -0.5)
+    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxK.dtype)
+    out = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxSxGxK)
+    return out.reshape(B, T, H * K)
+
+
+def _block(h, lp, cos, sin, kv_BxSxGxK, write_at, mask_BxTxS, cfg, materialize):
+    """One pre-norm decoder block. With a cache, the new k/v are written at `write_at` first."""
+    B, T, _ = h.shape
+    x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+    q = linear(x, lp, "wq", materialize).reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = linear(x, lp, "wk", materialize).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v = linear(x, lp, "wv", materialize).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if kv_BxSxGxK is None:
+        k_all, v_all = k, v
+    else:
+        k_cache, v_cache = kv_BxSxGxK
+        k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_at, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_at, 0, 0))
+    attn = _attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask_BxTxS, cfg)
+    h = h + linear(attn, lp, "wo", materialize)
+    x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
+    gate = linear(x, lp, "w_gate", materialize)
+    up = linear(x, lp, "w_up", materialize)
+    h = h + linear(jax.nn.silu(gate) * up, lp, "w_down", materialize)
+    return h, k_all, v_all
+
+
+def forward(params: dict, tokens_BxT: jax.Array, cfg: ModelConfig, *, positions=None,
+            cache: dict | None = None, layer_mask=None, materialize: Materialize = identity,
+            segment_ids=None):
+    """Logits `[B, T, V]` (float32) and the updated cache (None when called without one).
+
+    positions: `[B, T]` RoPE positions; default `0..T-1`, or, with a cache, the slot index
+        minus the row's left padding (`cache['start']`).
+    cache: from `make_cache`; the T new tokens are written at slot `cache['end']`, attention
+        sees slots `[start_b, end + t]`.
+    layer_mask: `[L]` bool; False skips a block (its output is its input) with no change of
+        shapes, so every "remove block i" candidate reuses one compiled function.
+    segment_ids: `[B, T]` ints (no cache only); tokens attend only within their own segment,
+        for packed sequences.
+    """
+    B, T = tokens_BxT.shape
+    L = cfg.num_layers
+    cdt = jnp.dtype(cfg.compute_dtype)
+    h = jnp.take(materialize(params, "embed"), tokens_BxT, axis=0).astype(cdt)
+
+    t_idx = jnp.arange(T)
+    if cache is None:
+        if positions is None:
+            positions = jnp.broadcast_to(t_idx, (B, T))
+        mask = jnp.broadcast_to(t_idx[None, :] <= t_idx[:, None], (B, T, T))
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        write_at = None
+    else:
+        if segment_ids is not None:
+            raise ValueError("segment_ids is not supported together with a KV cache")
+        end, start = cache["end"], cache["start"]
+        S = cache["k"].shape[2]
+        q_slot = end + t_idx
+        if positions is None:
+            positions = jnp.maximum(q_slot[None, :] - start[:, None], 0)
+        s_idx = jnp.arange(S)
+        mask = (s_idx[None, None, :] <= q_slot[None, :, None]) & (
+            s_idx[None, None, :] >= start[:, None, None])
+        write_at = end
+    cos, sin = rope_cos_sin(positions, inv_frequencies(cfg))
+
+    keep = jnp.ones((L,), bool) if layer_mask is None else jnp.asarray(layer_mask, bool)
+
+    def body(carry, xs):
+        h, kc, vc = carry
+        lp, keep_i, i = xs
+        kv = None if kc is None else (kc[i], vc[i])
+        h_new, k_all, v_all = _block(h, lp, cos, sin, kv, write_at, mask, cfg, materialize)
+        h = jnp.where(keep_i, h_new, h)
+        if kc is not None:
+            kc = jax.lax.dynamic_update_index_in_dim(kc, k_all, i, 0)
+            vc = jax.lax.dynamic_update_index_in_dim(vc, v_all, i, 0)
+        return (h, kc, vc), None
+
+    if cfg.remat:
+        body = jax.checkpoint(body)
+    kc, vc = (None, None) if cache is None else (cache["k"], cache["v"])
+    (h, kc, vc), _ = jax.lax.scan(body, (h, kc, vc), (params["layers"], keep, jnp.arange(L)))
+
+    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    if cfg.tie_embeddings:
+        logits = jnp.einsum("btd,vd->btv", h, materialize(params, "embed").astype(h.dtype))
+    else:
+        logits = linear(h, params, "lm_head", materialize)
+    new_cache = None
+    if cache is not None:
+        new_cache = {"k": kc, "v": vc, "end": cache["end"] + T, "start": cache["start"]}
+    return logits.astype(jnp.float32), new_cache
+
+
+def make_cache(cfg: ModelConfig, batch: int, max_len: int, start=None, dtype=None) -> dict:
+    """An empty KV cache: `k`, `v` `[L, B, max_len, Hkv, Dh]`, `end` (next slot, shared by
+    the batch) and `start` `[B]` (left-padding per row; slots before it are never attended)."""
+    dtype = jnp.dtype(dtype or cfg.compute_dtype)
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "end": jnp.zeros((), jnp.int32), "start": start}

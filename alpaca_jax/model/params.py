@@ -1,0 +1,99 @@
+"""The parameter pytree: a plain nested dict, per-layer weights stacked with the layer axis first.
+
+Kernels are stored `[in, out]` (x @ W), so HF's `[out, in]` torch weights are transposed on
+import. Layout (DESIGN.md):
+    embed [V, D]; layers: attn_norm [L, D], wq [L, D, Hq*Dh], wk/wv [L, D, Hkv*Dh],
+    wo [L, Hq*Dh, D], mlp_norm [L, D], w_gate/w_up [L, D, F], w_down [L, F, D];
+    final_norm [D]; lm_head [D, V] (absent when embeddings are tied).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alpaca_jax.config import ModelConfig
+
+LAYER_KERNELS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+LAYER_NORMS = ("attn_norm", "mlp_norm")
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """The shape of every leaf `init_params` makes, in the same nested layout."""
+    L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    shapes = {
+        "embed": (V, D),
+        "layers": {
+            "attn_norm": (L, D),
+            "wq": (L, D, cfg.q_size),
+            "wk": (L, D, cfg.kv_size),
+            "wv": (L, D, cfg.kv_size),
+            "wo": (L, cfg.q_size, D),
+            "mlp_norm": (L, D),
+            "w_gate": (L, D, F),
+            "w_up": (L, D, F),
+            "w_down": (L, F, D),
+        },
+        "final_norm": (D,),
+    }
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> dict:
+    """Random init as `transformers` does for LLaMA: N(0, std) kernels, unit norms."""
+    shapes = param_shapes(cfg)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda x: isinstance(x, tuple)
+    )
+    keys = jax.random.split(key, len(flat))
+    leaves = []
+    for (path, shape), k in zip(flat, keys):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            leaves.append(jnp.ones(shape, dtype))
+        else:
+            leaves.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def check_params(params: dict, cfg: ModelConfig) -> None:
+    """Raise a ValueError naming the first missing, extra or misshaped tensor.
+
+    Extra leaves under `layers` are allowed (adapters and other transforms add them) as long as
+    their leading axis is the layer axis.
+    """
+    expected = param_shapes(cfg)
+
+    def walk(exp, got, prefix):
+        if not isinstance(got, dict):
+            raise ValueError(f"params{prefix} should be a dict, got {type(got).__name__}")
+        for name, shape in exp.items():
+            path = f"{prefix}['{name}']"
+            if name not in got:
+                raise ValueError(f"missing tensor params{path} (expected shape {shape})")
+            if isinstance(shape, dict):
+                walk(shape, got[name], path)
+            elif tuple(np.shape(got[name])) != tuple(shape):
+                raise ValueError(
+                    f"tensor params{path} has shape {tuple(np.shape(got[name]))}, "
+                    f"expected {tuple(shape)} for this ModelConfig"
+                )
+        extra = sorted(set(got) - set(exp))
+        if prefix == "['layers']":
+            for name in extra:
+                lead = np.shape(jax.tree_util.tree_leaves(got[name])[0])[:1]
+                if lead != (cfg.num_layers,):
+                    raise ValueError(
+                        f"tensor params['layers']['{name}'] has leading axis {lead}, "
+                        f"expected the layer axis ({cfg.num_layers},)"
+                    )
+        elif extra:
+            raise ValueError(f"unexpected tensors params{prefix}: {extra}")
+
+    walk(expected, params, "")
+
+
+def count_params(params: dict) -> int:
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params)))
