@@ -1,0 +1,98 @@
+"""Perplexity: exp(total token NLL / number of scored tokens) — never a mean of per-window
+perplexities.
+
+Protocol: the token stream is cut into windows of `ctx_len` tokens advancing by `stride`
+(default `ctx_len`, i.e. disjoint windows). Each token is scored exactly once, by the first
+window that holds it with at least one token of context before it (HF's sliding-window
+recipe). With `bos=True` every window is prefixed with BOS, which is context only.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alpaca_jax.model.forward import forward, identity
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "materialize"))
+def _window_nll(params, tokens_BxT, score_BxT, *, cfg, materialize):
+    logits, _ = forward(params, tokens_BxT, cfg, materialize=materialize)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(nll * score_BxT[:, 1:])
+
+
+def _windows(n_tokens: int, ctx_len: int, stride: int):
+    """(begin, end, first scored index) per window; every token 1..n-1 scored once."""
+    out, prev_end, begin = [], 1, 0
+    while prev_end < n_tokens:
+        end = min(begin + ctx_len, n_tokens)
+        out.append((begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        begin += stride
+    return out
+
+
+def token_nll(params, cfg, ids, *, ctx_len: int = 512, stride: int | None = None,
+              bos_id: int | None = None, batch_size: int = 8, materialize=identity):
+    """(sum of token NLLs, number of scored tokens) over a 1-D id stream."""
+    ids = np.asarray(ids, np.int32).reshape(-1)
+    if ids.size < 2:
+        raise ValueError(f"perplexity needs at least 2 tokens, got {ids.size}")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got range "
+                         f"[{ids.min()}, {ids.max()}]")
+    stride = stride or ctx_len
+    if not 0 < stride <= ctx_len:
+        raise ValueError(f"stride must be in (0, ctx_len={ctx_len}], got {stride}")
+    extra = 0 if bos_id is None else 1
+    groups: dict[int, list] = {}
+    for begin, end, first in _windows(ids.size, ctx_len - extra, stride):
+        row = ids[begin:end]
+        score = np.zeros(row.size, np.float32)
+        score[first - begin:] = 1.0
+        if extra:
+            row, score = np.concatenate([[bos_id], row]), np.concatenate([[0.0], score])
+        groups.setdefault(row.size, []).append((row, score))
+    total, count = 0.0, 0
+    for _, rows in sorted(groups.items()):
+        for k in range(0, len(rows), batch_size):
+            chunk = rows[k:k + batch_size]
+            toks = np.stack([r for r, _ in chunk])
+            score = np.stack([s for _, s in chunk])
+            pad = batch_size - len(chunk)  # fixed batch shape: one compilation per length
+            if pad and len(rows) > batch_size:
+                toks = np.concatenate([toks, np.repeat(toks[:1], pad, 0)])
+                score = np.concatenate([score, np.zeros((pad, score.shape[1]), np.float32)])
+            total += float(_window_nll(params, jnp.asarray(toks), jnp.asarray(score), cfg=cfg,
+                                       materialize=materialize))
+            count += int(score.sum())
+    return total, count
+
+
+def perplexity(params, cfg, ids_or_text, tokenizer=None, *, ctx_len: int = 512,
+               stride: int | None = None, bos: bool = False, max_tokens: int | None = None,
+               batch_size: int = 8, materialize=identity) -> float:
+    """Perplexity of a token stream (1-D ids) or of text (tokenized without BOS; documents in a
+    list are joined with a blank line). `max_tokens` keeps the first N tokens of the stream."""
+    if isinstance(ids_or_text, (str, list)) and (isinstance(ids_or_text, str)
+                                                 or isinstance(ids_or_text[0], str)):
+        if tokenizer is None:
+            raise ValueError("perplexity of text needs a tokenizer")
+        text = ids_or_text if isinstance(ids_or_text, str) else "\n\n".join(ids_or_text)
+        ids = tokenizer.encode(text, bos=False, parse_special=False)
+    else:
+        ids = np.asarray(ids_or_text).reshape(-1)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    bos_id = None
+    if bos:
+        bos_id = getattr(tokenizer, "bos_id", None) if tokenizer is not None else cfg.bos_token_id
+        if bos_id is None:
+            raise ValueError("bos=True but neither the tokenizer nor the config has a BOS id")
+    total, count = token_nll(params, cfg, ids, ctx_len=ctx_len, stride=stride, bos_id=bos_id,
+                             batch_size=batch_size, materialize=materialize)
+    return float(np.exp(total / count))

@@ -1,0 +1,137 @@
+"""GGUF (`general.architecture=llama`) in: tensors dequantized by the `gguf` package, q/k
+un-permuted from llama.cpp's interleaved RoPE layout, metadata mapped to ModelConfig."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from alpaca_jax.config import ModelConfig, RopeScaling
+
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+_LAYER_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
+                "wo": "attn_output", "mlp_norm": "ffn_norm", "w_gate": "ffn_gate",
+                "w_up": "ffn_up", "w_down": "ffn_down"}
+
+
+def unpermute_rope(w_out_in: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of convert_hf_to_gguf.py's `permute`: interleaved pairs -> rotate_half halves."""
+    out = w_out_in.shape[0]
+    return (w_out_in.reshape(n_heads, out // n_heads // 2, 2, *w_out_in.shape[1:])
+            .swapaxes(1, 2).reshape(w_out_in.shape))
+
+
+def permute_rope(w_out_in: np.ndarray, n_heads: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's `permute`: rotate_half halves -> llama.cpp's interleaved pairs."""
+    out = w_out_in.shape[0]
+    return (w_out_in.reshape(n_heads, 2, out // n_heads // 2, *w_out_in.shape[1:])
+            .swapaxes(1, 2).reshape(w_out_in.shape))
+
+
+def read_fields(reader) -> dict:
+    out = {}
+    for key, field in reader.fields.items():
+        try:
+            out[key] = field.contents()
+        except Exception:  # a field whose type the reader cannot decode is left out by design
+            continue
+    return out
+
+
+def config_from_gguf(f: dict, source: str) -> ModelConfig:
+    arch = f.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{source}: general.architecture={arch!r} is not supported (llama only)")
+
+    def need(key):
+        if key not in f:
+            raise ValueError(f"{source}: missing GGUF metadata key {key!r}")
+        return f[key]
+
+    heads = need("llama.attention.head_count")
+    hidden = need("llama.embedding_length")
+    head_dim = f.get("llama.attention.key_length", f.get("llama.rope.dimension_count", hidden // heads))
+    scaling = None
+    kind = f.get("llama.rope.scaling.type", "none")
+    if kind == "linear":
+        scaling = RopeScaling("linear", float(need("llama.rope.scaling.factor")))
+    elif kind not in ("none", None):
+        raise ValueError(f"{source}: llama.rope.scaling.type={kind!r} is not supported "
+                         "(linear or none)")
+    vocab = f.get("llama.vocab_size", len(f.get("tokenizer.ggml.tokens", [])) or None)
+    if vocab is None:
+        raise ValueError(f"{source}: neither llama.vocab_size nor a token list in the metadata")
+    eos = f.get("tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        vocab_size=int(vocab), hidden_size=int(hidden),
+        intermediate_size=int(need("llama.feed_forward_length")),
+        num_layers=int(need("llama.block_count")), num_heads=int(heads),
+        num_kv_heads=int(f.get("llama.attention.head_count_kv", heads)), head_dim=int(head_dim),
+        rms_norm_eps=float(f.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(f.get("llama.rope.freq_base", 10000.0)), rope_scaling=scaling,
+        tie_embeddings=False,  # decided by the presence of output.weight below
+        max_position_embeddings=int(f.get("llama.context_length", 2048)),
+        bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=() if eos is None else (int(eos),),
+    )
+
+
+def load_gguf(path, dtype=np.float32):
+    """`(params, cfg, tokenizer)` from a llama GGUF file."""
+    import gguf
+    import jax.numpy as jnp
+
+    from alpaca_jax.tokenizer.load import tokenizer_from_gguf_fields
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read as GGUF ({type(e).__name__}: {e})") from e
+    fields = read_fields(reader)
+    source = str(path)
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        raise ValueError(f"{source}: per-frequency RoPE factors (rope_freqs.weight, llama3 "
+                         "scaling) are not supported on GGUF import; load the HF checkpoint")
+    cfg = config_from_gguf(fields, source)
+    cfg = cfg.replace(tie_embeddings="output.weight" not in tensors)
+
+    def get(name, hf_shape):
+        if name not in tensors:
+            raise ValueError(f"{source}: missing tensor {name!r} (expected shape {hf_shape})")
+        t = tensors[name]
+        if t.tensor_type.name not in SUPPORTED_TYPES:
+            raise ValueError(f"{source}: tensor {name!r} has type {t.tensor_type.name}; "
+                             f"supported: {', '.join(SUPPORTED_TYPES)}")
+        arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        arr = arr.reshape(tuple(int(n) for n in reversed(t.shape)))
+        if arr.shape != hf_shape:
+            raise ValueError(f"{source}: tensor {name!r} has shape {arr.shape}, "
+                             f"expected {hf_shape} from the metadata")
+        return arr
+
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    shapes = {"attn_norm": (D,), "mlp_norm": (D,), "wq": (cfg.q_size, D), "wk": (cfg.kv_size, D),
+              "wv": (cfg.kv_size, D), "wo": (D, cfg.q_size), "w_gate": (F, D), "w_up": (F, D),
+              "w_down": (D, F)}
+    layers = {}
+    for ours, name in _LAYER_NAMES.items():
+        per_layer = []
+        for i in range(cfg.num_layers):
+            w = get(f"blk.{i}.{name}.weight", shapes[ours])
+            if ours == "wq":
+                w = unpermute_rope(w, cfg.num_heads)
+            elif ours == "wk":
+                w = unpermute_rope(w, cfg.num_kv_heads)
+            per_layer.append(w if w.ndim == 1 else w.T)
+        layers[ours] = jnp.asarray(np.stack(per_layer), dtype)
+    params = {"embed": jnp.asarray(get("token_embd.weight", (V, D)), dtype), "layers": layers,
+              "final_norm": jnp.asarray(get("output_norm.weight", (D,)), dtype)}
+    if not cfg.tie_embeddings:
+        params["lm_head"] = jnp.asarray(get("output.weight", (V, D)).T, dtype)
+    tokenizer = tokenizer_from_gguf_fields(fields, source)
+    tokenizer.check_model(cfg, source)
+    return params, cfg, tokenizer
