@@ -15,7 +15,7 @@ def tiny_hf_model(seed=0, vocab=97, hidden=32, layers=3, heads=4, kv_heads=2, in
         num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=eps,
         rope_theta=rope_theta, rope_scaling=rope_scaling, tie_word_embeddings=tie,
         max_position_embeddings=max_pos, attn_implementation="eager", bos_token_id=1,
-        eos_token_id=2,
+        eos_token_id=2, initializer_range=0.2,  # logits of order 1-10, so errors show
     )
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(hf_cfg).eval()
