@@ -1,0 +1,45 @@
+"""The Hydra entry point end to end on a tiny model, and config typos rejected before compute."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from gguf_reference import tiny_bpe_vocab, write_tiny_gguf
+from hf_reference import tiny_hf_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*overrides, cwd):
+    env = dict(os.environ, WANDB_MODE="disabled")
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / "evaluate.py"), *overrides],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_evaluate_writes_results_json(tmp_path):
+    write_tiny_gguf(tiny_hf_model(vocab=len(tiny_bpe_vocab()[0])), tmp_path / "tiny.gguf")
+    (tmp_path / "corpus.txt").write_text("the hello tell the hello\n\n" * 40)
+    run_dir = tmp_path / "run"
+    proc = _run(f"model.source={tmp_path / 'tiny.gguf'}", f"eval.corpora=[{tmp_path / 'corpus.txt'}]",
+                "eval.ctx_len=32", "eval.max_tokens=200", "eval.prompts=[hi]",
+                "eval.max_new_tokens=4", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((run_dir / "results.json").read_text())
+    ppl = res["metrics"][f"ppl/{tmp_path / 'corpus.txt'}"]
+    assert 1.0 < ppl < 1e4
+    assert res["config"]["eval"]["ctx_len"] == 32
+    assert res["git_sha"] and "jax" in res["versions"] and len(res["samples"]) == 1
+
+
+def test_typo_in_override_fails_before_compute(tmp_path):
+    proc = _run("eval.ctx_lenn=32", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "ctx_lenn" in proc.stderr
+    proc = _run("eval.ctx_len=many", cwd=tmp_path)
+    assert proc.returncode != 0 and "ctx_len" in proc.stderr
+
+
+def test_unknown_corpus_fails_before_loading_the_model(tmp_path):
+    proc = _run("eval.corpora=[no_such_corpus.txt]", "model.source=not-a-model", cwd=tmp_path)
+    assert proc.returncode != 0 and "no_such_corpus.txt" in proc.stderr
