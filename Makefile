@@ -13,7 +13,7 @@ $(VENV)/.core: pyproject.toml requirements/assets.txt
 	touch $@
 
 $(VENV)/.test: $(VENV)/.core
-	$(PY) -m pip install -q -e '.[test]'
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install -q -e '.[test,export]'
 	touch $@
 
 setup: $(VENV)/.core

@@ -108,3 +108,9 @@ def test_generation_rejects_overlong_requests():
         generate_ids(params, cfg, [[1, 2, 3]], max_new_tokens=60)
     with pytest.raises(ValueError, match="at least one token"):
         generate_ids(params, cfg, [[]], max_new_tokens=4)
+
+
+def test_hub_id_offline_gives_clear_error():
+    # HF_HUB_OFFLINE=1 (conftest): the real hub code path runs and fails with a named error
+    with pytest.raises(ValueError, match="HuggingFaceTB/NoSuchModel.*Hugging Face Hub"):
+        load_model("HuggingFaceTB/NoSuchModel")
