@@ -67,7 +67,7 @@ def main():
     # -- torch (transformers) on the same weights ----------------------------------------------
     with tempfile.TemporaryDirectory() as d:
         save_hf(params, cfg, tok, d)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     pt_tokens = torch.tensor([prompt])
     pt_short = torch.tensor([short])
 

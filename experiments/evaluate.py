@@ -8,6 +8,7 @@ Writes `results.json` (metrics, resolved config, git SHA, versions, wall time) i
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments.schema import EvaluateJob, register, to_dataclass  # noqa: E402
 
 register()
+# Hydra sets the root logger to INFO, which surfaces JAX's probing for absent TPU/GPU backends.
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
