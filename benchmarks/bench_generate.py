@@ -5,7 +5,8 @@ the same machine, in one run. Prints figures; asserts nothing.
         [--new-tokens 128] [--repeats 5]
 
 Both sides: batch 1, fp32, greedy, exactly --new-tokens tokens (EOS ignored), timed after a
-warm-up call (JAX compile time reported separately), median of --repeats runs.
+warm-up call (JAX compile time reported separately), median of --repeats runs, the JAX and
+torch runs interleaved so that machine drift affects both alike.
 """
 from __future__ import annotations
 
@@ -20,13 +21,15 @@ import time
 import numpy as np
 
 
-def _median_seconds(fn, repeats):
-    times = []
+def _interleaved_medians(fns, repeats):
+    """Median seconds of each fn, calling them in turn so that machine drift hits all alike."""
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for k, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
 
 
 def main():
@@ -55,14 +58,12 @@ def main():
     t0 = time.perf_counter()
     fwd(params, tokens).block_until_ready()
     jax_prefill_compile = time.perf_counter() - t0
-    jax_prefill = _median_seconds(lambda: fwd(params, tokens).block_until_ready(), args.repeats)
 
     gen = lambda: generate_ids(params, cfg, [short], n_new, eos_ids=())  # noqa: E731
     t0 = time.perf_counter()
     out = gen()
     jax_gen_compile = time.perf_counter() - t0
     assert len(out[0]) == n_new
-    jax_gen = _median_seconds(gen, args.repeats)
 
     # -- torch (transformers) on the same weights ----------------------------------------------
     with tempfile.TemporaryDirectory() as d:
@@ -83,8 +84,8 @@ def main():
 
     pt_prefill()
     pt_gen()
-    torch_prefill = _median_seconds(pt_prefill, args.repeats)
-    torch_gen = _median_seconds(pt_gen, args.repeats)
+    jax_prefill, torch_prefill, jax_gen, torch_gen = _interleaved_medians(
+        [lambda: fwd(params, tokens).block_until_ready(), pt_prefill, gen, pt_gen], args.repeats)
 
     # greedy outputs should agree (same weights, fp32); report how many leading tokens match
     with torch.no_grad():
