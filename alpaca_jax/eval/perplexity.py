@@ -1,10 +1,12 @@
 """Perplexity: exp(total token NLL / number of scored tokens) — never a mean of per-window
 perplexities.
 
-Protocol: the token stream is cut into windows of `ctx_len` tokens advancing by `stride`
-(default `ctx_len`, i.e. disjoint windows). Each token is scored exactly once, by the first
-window that holds it with at least one token of context before it (HF's sliding-window
-recipe). With `bos=True` every window is prefixed with BOS, which is context only.
+Protocol (HF's sliding-window recipe): the token stream is cut into windows of `ctx_len`
+tokens starting every `stride` tokens (default `ctx_len`: disjoint windows). A token is scored
+at most once, by the first window that holds it after at least one token of context, so with
+disjoint windows each window's first token is context only (n_tokens - n_windows are scored),
+and with `stride < ctx_len` every token after the first is scored. With `bos=True` every window
+is prefixed with BOS, which is context only.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def _window_nll(params, tokens_BxT, score_BxT, *, cfg, materialize):
 
 
 def _windows(n_tokens: int, ctx_len: int, stride: int):
-    """(begin, end, first scored index) per window; every token 1..n-1 scored once."""
+    """(begin, end, first scored index) per window; no token is scored twice."""
     out, prev_end, begin = [], 1, 0
     while prev_end < n_tokens:
         end = min(begin + ctx_len, n_tokens)
@@ -78,12 +80,11 @@ def perplexity(params, cfg, ids_or_text, tokenizer=None, *, ctx_len: int = 512,
                batch_size: int = 8, materialize=identity) -> float:
     """Perplexity of a token stream (1-D ids) or of text (tokenized without BOS; documents in a
     list are joined with a blank line). `max_tokens` keeps the first N tokens of the stream."""
-    if isinstance(ids_or_text, (str, list)) and (isinstance(ids_or_text, str)
-                                                 or isinstance(ids_or_text[0], str)):
+    docs = [ids_or_text] if isinstance(ids_or_text, str) else ids_or_text
+    if isinstance(docs, (list, tuple)) and docs and all(isinstance(d, str) for d in docs):
         if tokenizer is None:
             raise ValueError("perplexity of text needs a tokenizer")
-        text = ids_or_text if isinstance(ids_or_text, str) else "\n\n".join(ids_or_text)
-        ids = tokenizer.encode(text, bos=False, parse_special=False)
+        ids = tokenizer.encode("\n\n".join(docs), bos=False, parse_special=False)
     else:
         ids = np.asarray(ids_or_text).reshape(-1)
     if max_tokens is not None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from alpaca_jax.config import ModelConfig, RopeScaling
+from alpaca_jax.model.params import checkpoint_layer_shapes
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 _LAYER_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
@@ -113,10 +114,8 @@ def load_gguf(path, dtype=np.float32):
                              f"expected {hf_shape} from the metadata")
         return arr
 
-    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    shapes = {"attn_norm": (D,), "mlp_norm": (D,), "wq": (cfg.q_size, D), "wk": (cfg.kv_size, D),
-              "wv": (cfg.kv_size, D), "wo": (D, cfg.q_size), "w_gate": (F, D), "w_up": (F, D),
-              "w_down": (D, F)}
+    D, V = cfg.hidden_size, cfg.vocab_size
+    shapes = checkpoint_layer_shapes(cfg)
     layers = {}
     for ours, name in _LAYER_NAMES.items():
         per_layer = []

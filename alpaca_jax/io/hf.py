@@ -9,10 +9,12 @@ import json
 import os
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from alpaca_jax.config import ModelConfig, RopeScaling
-from alpaca_jax.model.params import check_params
+from alpaca_jax.model.params import check_params, checkpoint_layer_shapes
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
@@ -132,10 +134,8 @@ def params_from_hf(tensors, cfg: ModelConfig, source: str = "checkpoint") -> dic
                              f"expected {shape} from the config")
         return arr
 
-    D, V, F = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
-    hf_shapes = {"attn_norm": (D,), "mlp_norm": (D,), "wq": (cfg.q_size, D),
-                 "wk": (cfg.kv_size, D), "wv": (cfg.kv_size, D), "wo": (D, cfg.q_size),
-                 "w_gate": (F, D), "w_up": (F, D), "w_down": (D, F)}
+    D, V = cfg.hidden_size, cfg.vocab_size
+    hf_shapes = checkpoint_layer_shapes(cfg)
     layers = {}
     for ours, hf_name in _LAYER_NAMES.items():
         per_layer = [get(f"model.layers.{i}.{hf_name}", hf_shapes[ours])
@@ -194,31 +194,24 @@ def load_hf(path, dtype=np.float32):
         raise FileNotFoundError(f"{path}: not an HF model directory (no config.json)")
     cfg = config_from_hf(json.loads(cfg_file.read_text()), source=str(cfg_file))
     tensors = read_safetensors_dir(path)
-    params = params_from_hf(tensors, cfg, source=str(path))
-    params = _cast(params, dtype)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype),
+                                    params_from_hf(tensors, cfg, source=str(path)))
     tokenizer = load_hf_tokenizer(path)
     if tokenizer is not None:
         tokenizer.check_model(cfg, source=str(path))
     return params, cfg, tokenizer
 
 
-def _cast(params, dtype):
-    import jax
-    import jax.numpy as jnp
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype), params)
-
-
 def save_hf(params: dict, cfg: ModelConfig, tokenizer, path, max_shard_bytes: int = 2 << 30):
-    """Write `config.json`, safetensors (sharded above `max_shard_bytes`) and the tokenizer,
-    so that `transformers.AutoModelForCausalLM.from_pretrained(path)` loads it."""
+    """Write `config.json`, fp32 safetensors (sharded above `max_shard_bytes`) and the
+    tokenizer, so that `transformers.AutoModelForCausalLM.from_pretrained(path)` loads it."""
     from safetensors.numpy import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if not os.access(path, os.W_OK):
         raise PermissionError(f"{path}: output directory is not writable")
-    tensors = {k: v.astype(np.float32) if v.dtype not in (np.float32, np.float16) else v
-               for k, v in params_to_hf(params, cfg).items()}
+    tensors = {k: v.astype(np.float32) for k, v in params_to_hf(params, cfg).items()}
     shards, current, size = [], {}, 0
     for name in sorted(tensors):
         nbytes = tensors[name].nbytes

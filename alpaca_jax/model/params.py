@@ -41,6 +41,11 @@ def param_shapes(cfg: ModelConfig) -> dict:
     return shapes
 
 
+def checkpoint_layer_shapes(cfg: ModelConfig) -> dict:
+    """Per-layer shapes in the `[out, in]` layout that HF and GGUF checkpoints store."""
+    return {name: tuple(reversed(shape[1:])) for name, shape in param_shapes(cfg)["layers"].items()}
+
+
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> dict:
     """Random init as `transformers` does for LLaMA: N(0, std) kernels, unit norms."""
     shapes = param_shapes(cfg)
