@@ -114,3 +114,11 @@ def test_hub_id_offline_gives_clear_error():
     # HF_HUB_OFFLINE=1 (conftest): the real hub code path runs and fails with a named error
     with pytest.raises(ValueError, match="HuggingFaceTB/NoSuchModel.*Hugging Face Hub"):
         load_model("HuggingFaceTB/NoSuchModel")
+
+
+def test_corrupt_tokenizer_model_names_the_file(tmp_path):
+    params, cfg = to_jax(tiny_hf_model())
+    save_hf(params, cfg, None, tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece proto")
+    with pytest.raises(ValueError, match=r"tokenizer\.model.*not a valid SentencePiece"):
+        load_model(str(tmp_path))
