@@ -33,6 +33,7 @@ def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
     from alpaca_jax.provenance import git_sha, machine, versions, write_json_atomic
 
     t0 = time.time()
+    sha = git_sha()  # the code this run started from, not whatever HEAD is when it ends
     docs = {name: load_documents(name) for name in job.eval.corpora}  # fail fast on bad names
     params, cfg, tok = load_model(job.model.source)
     cfg = cfg.replace(compute_dtype=job.model.compute_dtype)
@@ -56,7 +57,7 @@ def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
         "model_note": REGISTRY[job.model.source].note if job.model.source in REGISTRY else None,
         "perplexity_protocol": "documents joined by blank lines, no BOS, first max_tokens tokens, "
                                "disjoint ctx_len windows, exp(total NLL / scored tokens)",
-        "git_sha": git_sha(), "versions": versions(), "machine": machine(),
+        "git_sha": sha, "versions": versions(), "machine": machine(),
         "wall_time_s": round(time.time() - t0, 1),
     }
     write_json_atomic(run_dir / "results.json", results)
