@@ -27,21 +27,23 @@ logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
     from alpaca_jax import count_params, generate, load_model
-    from alpaca_jax.data.corpora import load_documents
+    from alpaca_jax.data.corpora import load_documents, read_raw_text
     from alpaca_jax.eval.perplexity import perplexity
     from alpaca_jax.io.registry import REGISTRY
     from alpaca_jax.provenance import git_sha, machine, versions, write_json_atomic
 
     t0 = time.time()
     sha = git_sha()  # the code this run started from, not whatever HEAD is when it ends
-    docs = {name: load_documents(name) for name in job.eval.corpora}  # fail fast on bad names
+    raw = job.eval.raw_text
+    texts = {name: read_raw_text(name) if raw else "\n\n".join(load_documents(name))
+             for name in job.eval.corpora}  # read before the model: fail fast on bad names
     params, cfg, tok = load_model(job.model.source)
     cfg = cfg.replace(compute_dtype=job.model.compute_dtype)
     print(f"loaded {job.model.source}: {count_params(params) / 1e6:.1f}M parameters, "
           f"{cfg.num_layers} blocks", flush=True)
     metrics = {"params": count_params(params)}
-    for name, text in docs.items():
-        ids = tok.encode("\n\n".join(text), bos=False, parse_special=False)[: job.eval.max_tokens]
+    for name, text in texts.items():
+        ids = tok.encode(text, bos=False, parse_special=raw)[: job.eval.max_tokens]
         t = time.time()
         ppl = perplexity(params, cfg, ids, ctx_len=job.eval.ctx_len, batch_size=job.eval.batch_size)
         metrics[f"ppl/{name}"] = ppl
@@ -55,8 +57,10 @@ def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
     results = {
         "stage": "evaluate", "metrics": metrics, "samples": samples, "config": resolved,
         "model_note": REGISTRY[job.model.source].note if job.model.source in REGISTRY else None,
-        "perplexity_protocol": "documents joined by blank lines, no BOS, first max_tokens tokens, "
-                               "disjoint ctx_len windows, exp(total NLL / scored tokens)",
+        "perplexity_protocol": ("raw file, special tokens parsed" if raw else
+                                "documents without markup joined by blank lines")
+        + ", no BOS, first max_tokens tokens, disjoint ctx_len windows, "
+          "exp(total NLL / scored tokens)",
         "git_sha": sha, "versions": versions(), "machine": machine(),
         "wall_time_s": round(time.time() - t0, 1),
     }

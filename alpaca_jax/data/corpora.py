@@ -38,6 +38,15 @@ def split_documents(text: str) -> list[str]:
     return [d.strip() for d in docs if d.strip()]
 
 
+def read_raw_text(source: str) -> str:
+    """A built-in corpus or local file as it is on disk, markup and separators included."""
+    path = builtin_corpus_path(source) if source in BUILTIN_CORPORA else Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{source}: no such corpus file; built-in corpora: "
+                                f"{', '.join(BUILTIN_CORPORA)}")
+    return path.read_text(encoding="utf-8")
+
+
 def load_documents(source: str, split: str = "train", text_key: str = "text") -> list[str]:
     """Documents of a built-in corpus name, a local text file, or a `datasets` hub name
     (`name` or `name:config`, e.g. `wikitext:wikitext-2-raw-v1`)."""
