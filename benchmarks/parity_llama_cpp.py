@@ -22,6 +22,7 @@ def main():
 
     from alpaca_jax import forward, load_model
     from alpaca_jax.data.corpora import load_documents
+    from alpaca_jax.eval.perplexity import perplexity_of_logits
     from alpaca_jax.io.registry import resolve_registered
     from alpaca_jax.provenance import git_sha
 
@@ -37,8 +38,7 @@ def main():
     got = np.asarray(forward(params, np.array([ids]), cfg)[0][0])
 
     def ppl(logits):
-        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-        return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
+        return perplexity_of_logits(logits, ids)
 
     print(f"model={args.model} commit={git_sha()} tokens={len(ids)} (wiki documents, no BOS, "
           f"one window)")

@@ -97,3 +97,13 @@ def perplexity(params, cfg, ids_or_text, tokenizer=None, *, ctx_len: int = 512,
     total, count = token_nll(params, cfg, ids, ctx_len=ctx_len, stride=stride, bos_id=bos_id,
                              batch_size=batch_size, materialize=materialize)
     return float(np.exp(total / count))
+
+
+def perplexity_of_logits(logits_TxV, ids_T) -> float:
+    """Perplexity of one sequence given its logits `[T, V]` from any runtime (numpy, float64
+    accumulation): how outputs of llama.cpp or torch are put on the same scale as ours."""
+    logits = np.asarray(logits_TxV, np.float64)
+    ids = np.asarray(ids_T)
+    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    return float(np.exp(-logp[np.arange(ids.size - 1), ids[1:]].mean()))
+

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+import jax
+import jax.numpy as jnp
+
 from alpaca_jax.config import ModelConfig, RopeScaling
-from alpaca_jax.model.params import checkpoint_layer_shapes
+from alpaca_jax.io.layout import assemble_params
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 _LAYER_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
@@ -80,7 +83,6 @@ def config_from_gguf(f: dict, source: str) -> ModelConfig:
 def load_gguf(path, dtype=np.float32):
     """`(params, cfg, tokenizer)` from a llama GGUF file."""
     import gguf
-    import jax.numpy as jnp
 
     from alpaca_jax.tokenizer.load import tokenizer_from_gguf_fields
 
@@ -100,37 +102,28 @@ def load_gguf(path, dtype=np.float32):
     cfg = config_from_gguf(fields, source)
     cfg = cfg.replace(tie_embeddings="output.weight" not in tensors)
 
-    def get(name, hf_shape):
-        if name not in tensors:
-            raise ValueError(f"{source}: missing tensor {name!r} (expected shape {hf_shape})")
-        t = tensors[name]
+    def read(name):
+        t = tensors.get(name)
+        if t is None:
+            return None
         if t.tensor_type.name not in SUPPORTED_TYPES:
             raise ValueError(f"{source}: tensor {name!r} has type {t.tensor_type.name}; "
                              f"supported: {', '.join(SUPPORTED_TYPES)}")
         arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        arr = arr.reshape(tuple(int(n) for n in reversed(t.shape)))
-        if arr.shape != hf_shape:
-            raise ValueError(f"{source}: tensor {name!r} has shape {arr.shape}, "
-                             f"expected {hf_shape} from the metadata")
-        return arr
+        return arr.reshape(tuple(int(n) for n in reversed(t.shape)))
 
-    D, V = cfg.hidden_size, cfg.vocab_size
-    shapes = checkpoint_layer_shapes(cfg)
-    layers = {}
-    for ours, name in _LAYER_NAMES.items():
-        per_layer = []
-        for i in range(cfg.num_layers):
-            w = get(f"blk.{i}.{name}.weight", shapes[ours])
-            if ours == "wq":
-                w = unpermute_rope(w, cfg.num_heads)
-            elif ours == "wk":
-                w = unpermute_rope(w, cfg.num_kv_heads)
-            per_layer.append(w if w.ndim == 1 else w.T)
-        layers[ours] = jnp.asarray(np.stack(per_layer), dtype)
-    params = {"embed": jnp.asarray(get("token_embd.weight", (V, D)), dtype), "layers": layers,
-              "final_norm": jnp.asarray(get("output_norm.weight", (D,)), dtype)}
-    if not cfg.tie_embeddings:
-        params["lm_head"] = jnp.asarray(get("output.weight", (V, D)).T, dtype)
+    def unpermute_qk(ours, w):
+        if ours == "wq":
+            return unpermute_rope(w, cfg.num_heads)
+        if ours == "wk":
+            return unpermute_rope(w, cfg.num_kv_heads)
+        return w
+
+    names = {"embed": "token_embd.weight", "final_norm": "output_norm.weight",
+             "lm_head": "output.weight",
+             "layers": {ours: f"blk.{{i}}.{g}.weight" for ours, g in _LAYER_NAMES.items()}}
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype),
+                                    assemble_params(read, cfg, names, source, fix=unpermute_qk))
     tokenizer = tokenizer_from_gguf_fields(fields, source)
     tokenizer.check_model(cfg, source)
     return params, cfg, tokenizer

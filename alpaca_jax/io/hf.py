@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from alpaca_jax.config import ModelConfig, RopeScaling
-from alpaca_jax.model.params import check_params, checkpoint_layer_shapes
+from alpaca_jax.io.layout import assemble_params
+from alpaca_jax.model.params import check_params
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
@@ -30,7 +31,6 @@ _LAYER_NAMES = {
     "w_up": "mlp.up_proj.weight",
     "w_down": "mlp.down_proj.weight",
 }
-_KERNELS = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
 
 
 def _rope_from_hf(d: dict, source: str) -> tuple[float, RopeScaling | None]:
@@ -124,30 +124,11 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 def params_from_hf(tensors, cfg: ModelConfig, source: str = "checkpoint") -> dict:
     """Build the params pytree from a name -> array mapping in HF naming and layout."""
-
-    def get(name, shape):
-        if name not in tensors:
-            raise ValueError(f"{source}: missing tensor {name!r} (expected shape {shape})")
-        arr = np.asarray(tensors[name])
-        if arr.shape != shape:
-            raise ValueError(f"{source}: tensor {name!r} has shape {arr.shape}, "
-                             f"expected {shape} from the config")
-        return arr
-
-    D, V = cfg.hidden_size, cfg.vocab_size
-    hf_shapes = checkpoint_layer_shapes(cfg)
-    layers = {}
-    for ours, hf_name in _LAYER_NAMES.items():
-        per_layer = [get(f"model.layers.{i}.{hf_name}", hf_shapes[ours])
-                     for i in range(cfg.num_layers)]
-        if ours in _KERNELS:
-            per_layer = [w.T for w in per_layer]
-        layers[ours] = np.stack(per_layer)
-    params = {"embed": get("model.embed_tokens.weight", (V, D)), "layers": layers,
-              "final_norm": get("model.norm.weight", (D,))}
-    if not cfg.tie_embeddings:
-        params["lm_head"] = get("lm_head.weight", (V, D)).T
-    return params
+    names = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
+             "lm_head": "lm_head.weight",
+             "layers": {ours: f"model.layers.{{i}}.{hf}" for ours, hf in _LAYER_NAMES.items()}}
+    return assemble_params(lambda n: None if n not in tensors else np.asarray(tensors[n]),
+                           cfg, names, source)
 
 
 def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -157,7 +138,7 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     for ours, hf_name in _LAYER_NAMES.items():
         stacked = np.asarray(params["layers"][ours])
         for i in range(cfg.num_layers):
-            w = stacked[i].T if ours in _KERNELS else stacked[i]
+            w = stacked[i].T if stacked.ndim == 3 else stacked[i]
             out[f"model.layers.{i}.{hf_name}"] = np.ascontiguousarray(w)
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["lm_head"]).T)
