@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from alpaca_jax.tracking import LoggerConfig
+from alpaca_jax.train.loop import TrainConfig
+
 
 @dataclass
 class ModelSourceCfg:
@@ -34,9 +37,43 @@ class EvaluateJob:
     eval: EvalCfg = field(default_factory=EvalCfg)
 
 
+@dataclass
+class DataCfg:
+    # a .json/.jsonl file of Alpaca records, `synthetic` (generated, exactly checkable), or a
+    # hub dataset name (tatsu-lab/alpaca, yahma/alpaca-cleaned)
+    source: str = "../shared/data/alpaca/alpaca_small.json"
+    max_records: int | None = None   # the first N records (before the split), None = all
+    synthetic_size: int = 2000
+    val_size: int = 100
+    cutoff_len: int = 256            # tokens per example; longer ones are truncated (counted)
+    seq_len: int = 256               # row length after packing
+    packing: bool = True
+    split_seed: int = 0
+
+
+@dataclass
+class FinetuneEvalCfg:
+    corpus: str = "wiki"             # perplexity before and after training
+    ppl_tokens: int = 2048
+    ctx_len: int = 512
+    samples: int = 3                 # validation prompts generated before and after
+    max_new_tokens: int = 48
+
+
+@dataclass
+class FinetuneJob:
+    model: ModelSourceCfg = field(default_factory=ModelSourceCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: FinetuneEvalCfg = field(default_factory=FinetuneEvalCfg)
+    mesh_fsdp: int = 1               # devices per fsdp group; data parallel over the rest
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="evaluate_schema", node=EvaluateJob)
+    cs.store(name="finetune_schema", node=FinetuneJob)
 
 
 def to_dataclass(cfg, cls):

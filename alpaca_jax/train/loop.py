@@ -1,0 +1,157 @@
+"""The training loop: resumable, validated, guarded against non-finite losses."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alpaca_jax.data.batching import PackedRows, batch_indices
+from alpaca_jax.model.forward import identity
+from alpaca_jax.train.checkpoint import Checkpointer
+from alpaca_jax.train.optim import make_optimizer
+from alpaca_jax.train.sharding import shard_batch, shard_tree
+from alpaca_jax.train.split import combine, split, train_all
+from alpaca_jax.train.step import make_eval_fn, make_train_step
+
+
+@dataclass
+class TrainConfig:
+    """Also the Hydra `train` group's schema (a plain dataclass so overrides can merge in)."""
+    steps: int = 100
+    batch_size: int = 8          # rows per micro-batch
+    accum_steps: int = 1         # micro-batches per update
+    lr: float = 2e-5
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    clip_norm: float = 1.0
+    seed: int = 0
+    eval_every: int = 20
+    eval_batch_size: int = 8
+    save_every: int = 20
+    keep_checkpoints: int = 2
+    async_checkpoints: bool = True
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    params: dict                      # the final parameters
+    best_params: dict | None          # lowest validation loss (None without validation)
+    history: list[dict] = field(default_factory=list)
+    val_history: list[dict] = field(default_factory=list)
+    best_val_loss: float = math.inf
+    best_step: int | None = None
+    resumed_from: int | None = None
+    checkpoint_fallbacks: list[dict] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+
+
+def evaluate_loss(params, rows: PackedRows, eval_fn, batch_size: int, mesh=None) -> float:
+    """Mean NLL over every loss token of every row (rows padded to a fixed batch, masked)."""
+    total = count = 0.0
+    for k in range(0, len(rows), batch_size):
+        idx = np.arange(k, min(k + batch_size, len(rows)))
+        batch = rows.rows(np.concatenate([idx, np.full(batch_size - idx.size, idx[0])]))
+        batch["loss_mask"][idx.size:] = 0.0
+        if mesh is not None:
+            batch = shard_batch(batch, mesh, batch_axis=0)
+        s, n = eval_fn(params, batch)
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
+
+
+def train(params, cfg, train_rows: PackedRows, val_rows: PackedRows | None, tc: TrainConfig,
+          out_dir, *, trainable: Callable[[str], bool] = train_all, materialize=identity,
+          mesh=None, log: Callable[[dict], None] | None = None) -> TrainResult:
+    log = log or (lambda m: None)
+    trainable_p, frozen = split(params, trainable)
+    # the step donates its trainable buffers; copy once so the caller's params stay alive
+    trainable_p = jax.tree_util.tree_map(jnp.copy, trainable_p)
+    if mesh is not None:
+        trainable_p, frozen = shard_tree(trainable_p, mesh), shard_tree(frozen, mesh)
+    optimizer, schedule = make_optimizer(tc.lr, tc.steps, tc.warmup_steps, tc.schedule,
+                                         tc.weight_decay, tc.b1, tc.b2, clip_norm=tc.clip_norm,
+                                         min_lr_ratio=tc.min_lr_ratio)
+    opt_state = optimizer.init(trainable_p)
+    ckpt = Checkpointer(Path(out_dir) / "checkpoints", tc.keep_checkpoints, tc.async_checkpoints)
+    result = TrainResult(params=params, best_params=None)
+    start = 0
+    restored = ckpt.restore_latest({"trainable": trainable_p, "opt_state": opt_state})
+    if restored is not None:
+        start, state, meta = restored
+        if meta.get("train_config") != dataclasses.asdict(tc):
+            raise ValueError(f"checkpoint {ckpt.directory} was written by a different train "
+                             f"config: {meta.get('train_config')} != {dataclasses.asdict(tc)}")
+        trainable_p, opt_state = state["trainable"], state["opt_state"]
+        result.best_val_loss = meta["best_val_loss"]
+        result.best_step = meta["best_step"]
+        result.history, result.val_history = meta["history"], meta["val_history"]
+        result.resumed_from = start
+    result.checkpoint_fallbacks = ckpt.fallbacks
+
+    step_fn = make_train_step(cfg, optimizer, materialize)
+    eval_fn = make_eval_fn(cfg, materialize)
+    rows_per_step = tc.batch_size * tc.accum_steps
+    tokens_done, t_run = 0.0, None
+
+    def meta(step):
+        return {"step": step, "best_val_loss": result.best_val_loss,
+                "best_step": result.best_step, "history": result.history,
+                "val_history": result.val_history, "train_config": dataclasses.asdict(tc)}
+
+    for step in range(start, tc.steps):
+        idx = batch_indices(len(train_rows), rows_per_step, step, tc.seed)
+        batch = {k: v.reshape(tc.accum_steps, tc.batch_size, -1)
+                 for k, v in train_rows.rows(idx).items()}
+        if mesh is not None:
+            batch = shard_batch(batch, mesh)
+        if t_run is None and step > start:
+            t_run = time.perf_counter()  # throughput excludes the compiling first step
+        trainable_p, opt_state, m = step_fn(trainable_p, frozen, opt_state, batch)
+        m = {k: float(v) for k, v in m.items()}
+        if not m["finite"]:
+            ckpt.wait()
+            raise NonFiniteLossError(
+                f"step {step + 1}: loss {m['loss']} / grad norm {m['grad_norm']} is not finite; "
+                f"the update was not applied. Last good checkpoint: step "
+                f"{ckpt.latest_step()} in {ckpt.directory / 'latest'}")
+        if t_run is not None:
+            tokens_done += m["tokens"]
+        entry = {"step": step + 1, "loss": m["loss"], "grad_norm": m["grad_norm"],
+                 "lr": float(schedule(step)), "tokens": m["tokens"]}
+        result.history.append(entry)
+        log(entry)
+        last = step + 1 == tc.steps
+        if val_rows is not None and ((step + 1) % tc.eval_every == 0 or last):
+            val = evaluate_loss(combine(trainable_p, frozen), val_rows, eval_fn,
+                                tc.eval_batch_size)
+            result.val_history.append({"step": step + 1, "val_loss": val})
+            log({"step": step + 1, "val_loss": val})
+            if val < result.best_val_loss:
+                result.best_val_loss, result.best_step = val, step + 1
+                ckpt.save_best(step + 1, {"trainable": trainable_p}, meta(step + 1))
+        if (step + 1) % tc.save_every == 0 or last:
+            ckpt.save(step + 1, {"trainable": trainable_p, "opt_state": opt_state}, meta(step + 1))
+    ckpt.wait()
+    if t_run is not None:
+        result.tokens_per_s = tokens_done / max(time.perf_counter() - t_run, 1e-9)
+    result.params = combine(trainable_p, frozen)
+    best = ckpt.restore_best({"trainable": trainable_p})
+    if best is not None:
+        result.best_params = combine(best[1]["trainable"], frozen)
+    ckpt.close()
+    return result

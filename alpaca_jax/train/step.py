@@ -1,0 +1,62 @@
+"""The loss and the one jitted train step (gradient accumulation inside, by `lax.scan`)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from alpaca_jax.model.forward import forward, identity
+from alpaca_jax.train.split import combine
+
+
+def loss_sums(params, batch, cfg, materialize=identity):
+    """(sum of NLL over loss tokens, number of loss tokens). Token t+1 is a target only when it
+    is in the loss mask and in the same packed example as token t."""
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    logits, _ = forward(params, tokens, cfg, positions=batch["positions"], segment_ids=seg,
+                        materialize=materialize)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    mask = batch["loss_mask"][:, 1:] * (seg[:, 1:] == seg[:, :-1])
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def make_train_step(cfg, optimizer, materialize=identity):
+    """step(trainable, frozen, opt_state, batch) with batch leaves `[accum, B, T]`; the update
+    uses the mean loss over all loss tokens of all micro-batches (exact accumulation). A step
+    whose loss or gradient is not finite changes nothing and reports `finite=False`."""
+
+    def micro_grads(trainable, frozen, mb):
+        def f(t):
+            s, n = loss_sums(combine(t, frozen), mb, cfg, materialize)
+            return s, n
+        (s, n), g = jax.value_and_grad(f, has_aux=True)(trainable)
+        return s, n, g
+
+    def step(trainable, frozen, opt_state, batch):
+        def body(carry, mb):
+            s_acc, n_acc, g_acc = carry
+            s, n, g = micro_grads(trainable, frozen, mb)
+            return (s_acc + s, n_acc + n, jax.tree_util.tree_map(jnp.add, g_acc, g)), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+        (s, n, g), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros), batch)
+        n = jnp.maximum(n, 1.0)
+        grads = jax.tree_util.tree_map(lambda x: x / n, g)
+        loss, gnorm = s / n, optax.tree.norm(grads)
+        updates, new_opt = optimizer.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+            lambda a, b: jnp.where(finite, a, b), new, old)
+        metrics = {"loss": loss, "grad_norm": gnorm, "tokens": n, "finite": finite}
+        return keep(new_trainable, trainable), keep(new_opt, opt_state), metrics
+
+    return jax.jit(step, donate_argnums=(0, 2))
+
+
+def make_eval_fn(cfg, materialize=identity):
+    @jax.jit
+    def eval_sums(params, batch):
+        return loss_sums(params, batch, cfg, materialize)
+    return eval_sums

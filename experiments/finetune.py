@@ -1,0 +1,138 @@
+"""Fine-tune on Alpaca-schema data and evaluate before/after.
+
+    python experiments/finetune.py                                   # SmolLM2, alpaca_small
+    python experiments/finetune.py data=synthetic train=quick logger=disabled
+    python experiments/finetune.py -m train.lr=1e-5,3e-5             # a sweep (basic launcher)
+
+Re-running with the same `hydra.run.dir` resumes from its last checkpoint. Writes
+`results.json` (schema: RESULTS_SCHEMA.md) and W&B logs (offline by default) in the run dir.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from experiments.schema import FinetuneJob, register, to_dataclass  # noqa: E402
+
+register()
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
+
+def load_instruction_records(data):
+    from alpaca_jax.data.alpaca import load_records
+    from alpaca_jax.data.synthetic import generate_tasks
+
+    if data.source == "synthetic":
+        records = generate_tasks(data.synthetic_size, seed=data.split_seed)
+    else:
+        source = data.source
+        if not Path(source).exists() and (ROOT / source).exists():
+            source = str(ROOT / source)  # relative to the repository, wherever we run from
+        records = load_records(source)
+    return records[: data.max_records] if data.max_records else records
+
+
+def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
+    import numpy as np
+
+    from alpaca_jax import count_params, generate, load_model
+    from alpaca_jax.data.alpaca import encode_records, format_prompt, split_records
+    from alpaca_jax.data.batching import pack
+    from alpaca_jax.data.corpora import load_documents
+    from alpaca_jax.data.synthetic import exact_match
+    from alpaca_jax.eval.perplexity import perplexity
+    from alpaca_jax.provenance import git_sha, machine, versions, write_json_atomic
+    from alpaca_jax.tracking import finish_run, start_run
+    from alpaca_jax.train.loop import evaluate_loss, train
+    from alpaca_jax.train.sharding import make_mesh
+    from alpaca_jax.train.step import make_eval_fn
+
+    t0, sha = time.time(), git_sha()
+    d, tc, ev = job.data, job.train, job.eval
+    if d.cutoff_len > d.seq_len:
+        raise ValueError(f"data.cutoff_len={d.cutoff_len} > data.seq_len={d.seq_len}")
+    records = load_instruction_records(d)              # bad data fails before the model loads
+    train_rec, val_rec = split_records(records, d.val_size, d.split_seed)
+    corpus = load_documents(ev.corpus)
+    params, cfg, tok = load_model(job.model.source)
+    cfg = cfg.replace(compute_dtype=job.model.compute_dtype)
+    enc_train = encode_records(tok, train_rec, d.cutoff_len)
+    enc_val = encode_records(tok, val_rec, d.cutoff_len)
+    if len(enc_train) == 0:
+        raise ValueError(f"data.cutoff_len={d.cutoff_len}: no training example keeps a response "
+                         f"token (all {len(enc_train.dropped)} prompts fill the cutoff)")
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    train_rows = pack(enc_train.ids, enc_train.loss_mask, d.seq_len, pad, d.packing)
+    val_rows = pack(enc_val.ids, enc_val.loss_mask, d.seq_len, pad, d.packing) if val_rec else None
+    data_stats = {"records": len(records), "train_examples": len(enc_train),
+                  "val_examples": len(enc_val), "train_rows": len(train_rows),
+                  "truncated": enc_train.n_truncated + enc_val.n_truncated,
+                  "dropped_no_response": len(enc_train.dropped) + len(enc_val.dropped),
+                  "train_loss_tokens": int(train_rows.loss_mask.sum())}
+    print(f"data: {data_stats}", flush=True)
+    mesh = make_mesh(fsdp=job.mesh_fsdp) if job.mesh_fsdp > 1 else None
+
+    wb = start_run(job.logger, run_dir, "finetune", resolved)
+    eval_fn = make_eval_fn(cfg)
+    ppl_ids = tok.encode("\n\n".join(corpus), bos=False, parse_special=False)[: ev.ppl_tokens]
+    prompts = [format_prompt(r) for r in val_rec[: ev.samples]]
+
+    def evaluate(p, tag):
+        m = {f"{tag}/ppl_{ev.corpus}": perplexity(p, cfg, ppl_ids, ctx_len=ev.ctx_len)}
+        if val_rows is not None:
+            m[f"{tag}/val_loss"] = evaluate_loss(p, val_rows, eval_fn, tc.eval_batch_size)
+        outs = generate(p, cfg, tok, prompts, max_new_tokens=ev.max_new_tokens) if prompts else []
+        if d.source == "synthetic" and outs:
+            m[f"{tag}/exact_match"] = exact_match(outs, val_rec[: ev.samples])
+        print(f"{tag}: {m}", flush=True)
+        return m, [{"prompt": r["instruction"] + (" | " + r["input"] if r["input"] else ""),
+                    "reference": r["output"], "output": o} for r, o in zip(val_rec, outs)]
+
+    before, samples_before = evaluate(params, "before")
+
+    def log(entry):
+        wb.log(entry, step=entry["step"])
+        if "val_loss" in entry or entry["step"] % 10 == 0 or entry["step"] == 1:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in entry.items()), flush=True)
+
+    res = train(params, cfg, train_rows, val_rows, tc, run_dir, mesh=mesh, log=log)
+    final = res.best_params if res.best_params is not None else res.params
+    after, samples_after = evaluate(final, "after")
+    metrics = {"params": count_params(params), **before, **after,
+               "best_val_loss": res.best_val_loss, "best_step": res.best_step,
+               "final_train_loss": res.history[-1]["loss"] if res.history else None,
+               "train_tokens_per_s": res.tokens_per_s}
+    results = {
+        "stage": "finetune", "metrics": metrics, "data": data_stats,
+        "history": res.history, "val_history": res.val_history,
+        "samples": {"before": samples_before, "after": samples_after},
+        "resumed_from": res.resumed_from, "checkpoint_fallbacks": res.checkpoint_fallbacks,
+        "recipe": {"base": job.model.source, "finetune": "full", "train": dataclasses.asdict(tc),
+                   "data": dataclasses.asdict(d)},
+        "config": resolved, "git_sha": sha, "versions": versions(), "machine": machine(),
+        "wall_time_s": round(time.time() - t0, 1),
+    }
+    write_json_atomic(run_dir / "results.json", results)
+    finish_run(wb, {k: v for k, v in metrics.items() if v is not None})
+    print(f"wrote {run_dir / 'results.json'}")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
+def main(cfg) -> None:
+    job = to_dataclass(cfg, FinetuneJob)
+    run(job, Path(HydraConfig.get().runtime.output_dir), OmegaConf.to_container(cfg, resolve=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""experiments/finetune.py end to end on a tiny model: SIGKILL + restart == uninterrupted."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from gguf_reference import tiny_bpe_vocab, write_tiny_gguf
+from hf_reference import tiny_hf_model
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny.gguf"
+    write_tiny_gguf(tiny_hf_model(vocab=len(tiny_bpe_vocab()[0]), max_pos=512), path)
+    return path
+
+
+def _cmd(gguf, run_dir, *extra):
+    return [sys.executable, str(ROOT / "experiments" / "finetune.py"), f"model.source={gguf}",
+            "data=synthetic", "data.synthetic_size=160", "data.val_size=16", "data.cutoff_len=320",
+            "data.seq_len=320", f"train.steps={STEPS}", "train.batch_size=4", "train.save_every=2",
+            "train.eval_every=10", "train.warmup_steps=2", "train.lr=1e-3", "logger=disabled",
+            "eval.ppl_tokens=128", "eval.ctx_len=32", "eval.samples=2", "eval.max_new_tokens=4",
+            f"hydra.run.dir={run_dir}", *extra]
+
+
+def _final_state(run_dir):
+    restored = ocp.StandardCheckpointer().restore(
+        (run_dir / "checkpoints" / "latest" / str(STEPS) / "state").resolve())
+    return restored["trainable"]
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}/{k}") if isinstance(v, dict) else {f"{prefix}/{k}": v})
+    return out
+
+
+def test_sigkill_and_restart_equals_uninterrupted_run(tiny_gguf, tmp_path):
+    env = dict(os.environ, WANDB_MODE="disabled")
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    ref = subprocess.run(_cmd(tiny_gguf, ref_dir), env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    proc = subprocess.Popen(_cmd(tiny_gguf, run_dir), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    marker = run_dir / "checkpoints" / "latest" / "10"
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run_dir / "results.json").exists()
+
+    again = subprocess.run(_cmd(tiny_gguf, run_dir), env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    res = json.loads((run_dir / "results.json").read_text())
+    ref_res = json.loads((ref_dir / "results.json").read_text())
+    assert res["resumed_from"] is not None and 10 <= res["resumed_from"] < STEPS
+    assert [h["loss"] for h in res["history"]] == [h["loss"] for h in ref_res["history"]]
+    assert res["metrics"]["best_val_loss"] == ref_res["metrics"]["best_val_loss"]
+    a, b = _flat(_final_state(run_dir)), _flat(_final_state(ref_dir))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+    assert res["metrics"]["after/val_loss"] < res["metrics"]["before/val_loss"]
+
+
+def test_finetune_config_typos_fail_before_compute(tmp_path):
+    env = dict(os.environ, WANDB_MODE="disabled")
+    for bad, name in [("train.lrr=1", "lrr"), ("data=nonexistent_group", "nonexistent_group"),
+                      ("train.steps=many", "steps")]:
+        proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "finetune.py"), bad,
+                               f"hydra.run.dir={tmp_path}"], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode != 0 and name in proc.stderr, (bad, proc.stderr[-500:])
+
+
+def test_malformed_data_fails_before_the_model_loads(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"output": "c"}]))
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "finetune.py"),
+                           f"data.source={bad}", "model.source=not-a-model", "logger=disabled",
+                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, WANDB_MODE="disabled"))
+    assert proc.returncode != 0
+    assert "bad.json: record 1 has no string field 'instruction'" in proc.stderr

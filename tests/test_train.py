@@ -1,0 +1,167 @@
+"""Training mechanics on tiny models: split, accumulation, packing, sharding, guards, resume."""
+import numpy as np
+import pytest
+import jax
+import optax
+
+from alpaca_jax import ModelConfig, init_params
+from alpaca_jax.data.batching import pack
+from alpaca_jax.train.checkpoint import CheckpointRestoreError
+from alpaca_jax.train.loop import NonFiniteLossError, TrainConfig, train
+from alpaca_jax.train.sharding import make_mesh, shard_batch, shard_tree
+from alpaca_jax.train.split import combine, split
+from alpaca_jax.train.step import loss_sums, make_train_step
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2)
+
+
+def _rows(n=48, seq_len=32, seed=0):
+    rng = np.random.RandomState(seed)
+    ids, masks = [], []
+    for _ in range(n):
+        k = rng.randint(6, 20)
+        start = rng.randint(2, 60)
+        ids.append(np.array([1] + [(start + 3 * i) % 62 + 2 for i in range(k - 1)], np.int32))
+        masks.append(np.concatenate([np.zeros(3), np.ones(k - 3)]).astype(np.float32))
+    return pack(ids, masks, seq_len)
+
+
+def _params(seed=0):
+    return init_params(CFG, jax.random.PRNGKey(seed))
+
+
+def _leaves_equal(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def test_training_reduces_loss_and_keeps_best(tmp_path):
+    rows = _rows()
+    res = train(_params(), CFG, rows, rows, TrainConfig(steps=30, batch_size=4, lr=3e-3,
+                warmup_steps=2, eval_every=10, save_every=10), tmp_path)
+    assert res.history[-1]["loss"] < 0.7 * res.history[0]["loss"]
+    assert [v["step"] for v in res.val_history] == [10, 20, 30]
+    assert res.best_val_loss == min(v["val_loss"] for v in res.val_history)
+    assert res.best_params is not None and res.tokens_per_s > 0
+
+
+def test_only_trainable_leaves_change_and_hold_optimizer_state(tmp_path):
+    params = _params()
+    pred = lambda path: "lm_head" in path or "final_norm" in path  # noqa: E731
+    t, f = split(params, pred)
+    assert sum(x is not None for x in jax.tree_util.tree_leaves(t)) == 2
+    assert _leaves_equal(combine(t, f), params)
+    res = train(params, CFG, _rows(), None, TrainConfig(steps=5, batch_size=4, lr=1e-2,
+                warmup_steps=0, save_every=5), tmp_path, trainable=pred)
+    assert _leaves_equal(res.params["layers"], params["layers"])
+    assert _leaves_equal(res.params["embed"], params["embed"])
+    assert not np.array_equal(np.asarray(res.params["lm_head"]), np.asarray(params["lm_head"]))
+    opt = optax.adamw(1e-3)
+    n_state = len(jax.tree_util.tree_leaves(opt.init(t)))
+    assert n_state == 1 + 2 * 2  # count + (mu, nu) for the two trainable leaves only
+
+
+def test_accumulation_equals_one_big_batch():
+    rows = _rows()
+    t, f = split(_params(), lambda p: True)
+    opt = optax.adamw(1e-3)
+    batch = rows.rows(np.arange(8))
+    big = {k: v.reshape(1, 8, -1) for k, v in batch.items()}
+    small = {k: v.reshape(4, 2, -1) for k, v in batch.items()}
+    step = make_train_step(CFG, opt)
+    t1, _, m1 = step(jax.tree_util.tree_map(np.array, t), f, opt.init(t), big)
+    t2, _, m2 = step(jax.tree_util.tree_map(np.array, t), f, opt.init(t), small)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(t1), jax.tree_util.tree_leaves(t2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_packed_loss_equals_separate_examples():
+    params = _params()
+    ids = [np.arange(2, 12, dtype=np.int32), np.arange(20, 27, dtype=np.int32)]
+    masks = [np.r_[np.zeros(3), np.ones(7)].astype(np.float32),
+             np.r_[np.zeros(2), np.ones(5)].astype(np.float32)]
+    packed = pack(ids, masks, 24)
+    assert len(packed) == 1
+    s, n = loss_sums(params, packed.rows(np.arange(1)), CFG)
+    sep = [loss_sums(params, pack([i], [m], 24).rows(np.arange(1)), CFG)
+           for i, m in zip(ids, masks)]
+    np.testing.assert_allclose(float(s), sum(float(x[0]) for x in sep), rtol=1e-5)
+    assert float(n) == sum(float(x[1]) for x in sep) == 7 + 5  # every response token is a target
+
+
+def test_sharded_step_equals_unsharded():
+    assert jax.device_count() == 8
+    mesh = make_mesh(data=2, fsdp=4)
+    rows = _rows()
+    t, f = split(_params(), lambda p: True)
+    opt = optax.adamw(1e-3)
+    batch = {k: v.reshape(1, 8, -1) for k, v in rows.rows(np.arange(8)).items()}
+    step = make_train_step(CFG, opt)
+    ref, _, m_ref = step(jax.tree_util.tree_map(np.array, t), f, opt.init(t), batch)
+    ts = shard_tree(t, mesh)
+    assert ts["layers"]["w_up"].sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
+    got, _, m = step(ts, f, opt.init(ts), shard_batch(batch, mesh))
+    np.testing.assert_allclose(float(m["loss"]), float(m_ref["loss"]), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_training_loop_runs_on_the_mesh(tmp_path):
+    rows = _rows()
+    tc = TrainConfig(steps=4, batch_size=8, lr=1e-3, warmup_steps=0, eval_every=2, save_every=2)
+    ref = train(_params(), CFG, rows, rows, tc, tmp_path / "a")
+    got = train(_params(), CFG, rows, rows, tc, tmp_path / "b", mesh=make_mesh(data=2, fsdp=4))
+    np.testing.assert_allclose([h["loss"] for h in got.history],
+                               [h["loss"] for h in ref.history], rtol=1e-5)
+
+
+def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
+    params = _params()
+    rows = _rows()
+    tc = TrainConfig(steps=6, batch_size=4, lr=1e-3, warmup_steps=0, save_every=2)
+    train(params, CFG, rows, None, TrainConfig(**{**tc.__dict__, "steps": 2}), tmp_path / "x")
+    bad = jax.tree_util.tree_map(lambda x: x, params)
+    bad["final_norm"] = bad["final_norm"].at[0].set(np.nan)
+    with pytest.raises(NonFiniteLossError, match=r"step 1: .*not finite.*Last good checkpoint"):
+        train(bad, CFG, rows, None, tc, tmp_path / "y")
+
+
+def _corrupt(step_dir):
+    files = [f for f in step_dir.rglob("*") if f.is_file()]
+    assert files
+    for f in files:
+        f.write_bytes(b"\x00" * 7)
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_replays_exactly(tmp_path):
+    rows = _rows()
+    tc = TrainConfig(steps=4, batch_size=4, lr=1e-3, warmup_steps=1, save_every=2,
+                     keep_checkpoints=3, async_checkpoints=False)
+    uninterrupted = train(_params(), CFG, rows, None, tc, tmp_path)
+    _corrupt(tmp_path / "checkpoints" / "latest" / "4" / "state")
+    with pytest.warns(RuntimeWarning, match="step 4 cannot be restored"):
+        again = train(_params(), CFG, rows, None, tc, tmp_path)
+    assert again.resumed_from == 2 and again.checkpoint_fallbacks[0]["step"] == 4
+    assert _leaves_equal(again.params, uninterrupted.params)  # steps 3-4 replayed exactly
+
+
+def test_no_restorable_checkpoint_is_an_error(tmp_path):
+    rows = _rows()
+    tc = TrainConfig(steps=2, batch_size=4, warmup_steps=0, save_every=1, keep_checkpoints=2,
+                     async_checkpoints=False)
+    train(_params(), CFG, rows, None, tc, tmp_path)
+    for step in ("1", "2"):
+        _corrupt(tmp_path / "checkpoints" / "latest" / step / "state")
+    with pytest.raises(CheckpointRestoreError, match="no checkpoint .* can be restored"):
+        with pytest.warns(RuntimeWarning):
+            train(_params(), CFG, rows, None, tc, tmp_path)
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    rows = _rows()
+    tc = TrainConfig(steps=2, batch_size=4, warmup_steps=0, save_every=2)
+    train(_params(), CFG, rows, None, tc, tmp_path)
+    with pytest.raises(ValueError, match="different train config"):
+        train(_params(), CFG, rows, None, TrainConfig(**{**tc.__dict__, "lr": 1.0}), tmp_path)
