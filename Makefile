@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-test run test bench clean
+.PHONY: setup setup-test run finetune test bench clean
 
 $(VENV)/.core: pyproject.toml requirements/assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ setup-test: $(VENV)/.test
 
 run: setup
 	$(PY) experiments/evaluate.py $(ARGS)
+
+finetune: setup
+	$(PY) experiments/finetune.py $(ARGS)
 
 test: setup-test
 	$(PY) -m pytest $(ARGS)

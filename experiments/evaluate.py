@@ -8,7 +8,6 @@ Writes `results.json` (metrics, resolved config, git SHA, versions, wall time) i
 """
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from pathlib import Path
@@ -18,11 +17,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from experiments.logs import quiet_library_logs  # noqa: E402
 from experiments.schema import EvaluateJob, register, to_dataclass  # noqa: E402
 
 register()
-# Hydra sets the root logger to INFO, which surfaces JAX's probing for absent TPU/GPU backends.
-logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+quiet_library_logs()
 
 
 def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:

@@ -10,7 +10,6 @@ Re-running with the same `hydra.run.dir` resumes from its last checkpoint. Write
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
 import time
 from pathlib import Path
@@ -21,10 +20,11 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from experiments.logs import quiet_library_logs  # noqa: E402
 from experiments.schema import FinetuneJob, register, to_dataclass  # noqa: E402
 
 register()
-logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+quiet_library_logs()
 
 
 def load_instruction_records(data):

@@ -25,13 +25,13 @@ def tiny_gguf(tmp_path_factory):
     return path
 
 
-def _cmd(gguf, run_dir, *extra):
+def _cmd(gguf, run_dir, *extra, steps=STEPS, dir_key="hydra.run.dir"):
     return [sys.executable, str(ROOT / "experiments" / "finetune.py"), f"model.source={gguf}",
             "data=synthetic", "data.synthetic_size=160", "data.val_size=16", "data.cutoff_len=320",
-            "data.seq_len=320", f"train.steps={STEPS}", "train.batch_size=4", "train.save_every=2",
+            "data.seq_len=320", f"train.steps={steps}", "train.batch_size=4", "train.save_every=2",
             "train.eval_every=10", "train.warmup_steps=2", "train.lr=1e-3", "logger=disabled",
             "eval.ppl_tokens=128", "eval.ctx_len=32", "eval.samples=2", "eval.max_new_tokens=4",
-            f"hydra.run.dir={run_dir}", *extra]
+            f"{dir_key}={run_dir}", *extra]
 
 
 def _final_state(run_dir):
@@ -98,3 +98,24 @@ def test_malformed_data_fails_before_the_model_loads(tmp_path):
                           timeout=120, env=dict(os.environ, WANDB_MODE="disabled"))
     assert proc.returncode != 0
     assert "bad.json: record 1 has no string field 'instruction'" in proc.stderr
+
+
+def test_multirun_sweep_with_the_basic_launcher(tiny_gguf, tmp_path):
+    cmd = _cmd(tiny_gguf, tmp_path, "-m", "train.lr=1e-3,3e-3", "train.eval_every=2", steps=4,
+               dir_key="hydra.sweep.dir")
+    proc = subprocess.run(cmd, env=dict(os.environ, WANDB_MODE="disabled"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads((tmp_path / str(n) / "results.json").read_text()) for n in (0, 1)]
+    assert [r["config"]["train"]["lr"] for r in runs] == [1e-3, 3e-3]
+    assert runs[0]["history"] != runs[1]["history"]
+
+
+def test_wandb_offline_logs_and_returns(tiny_gguf, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_DIR")}
+    proc = subprocess.run(_cmd(tiny_gguf, tmp_path, "logger=wandb_offline", "logger.group=test",
+                               "train.eval_every=2", steps=4),
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
