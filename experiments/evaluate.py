@@ -12,16 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from experiments.logs import quiet_library_logs  # noqa: E402
-from experiments.schema import EvaluateJob, register, to_dataclass  # noqa: E402
+from experiments.app import hydra_app  # noqa: E402
+from experiments.schema import EvaluateJob  # noqa: E402
 
-register()
-quiet_library_logs()
 
 
 def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
@@ -37,7 +31,7 @@ def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
     texts = {name: read_raw_text(name) if raw else "\n\n".join(load_documents(name))
              for name in job.eval.corpora}  # read before the model: fail fast on bad names
     params, cfg, tok = load_model(job.model.source)
-    cfg = cfg.replace(compute_dtype=job.model.compute_dtype)
+    cfg = cfg.replace(compute_dtype=job.model.compute_dtype, remat=job.model.remat)
     print(f"loaded {job.model.source}: {count_params(params) / 1e6:.1f}M parameters, "
           f"{cfg.num_layers} blocks", flush=True)
     metrics = {"params": count_params(params)}
@@ -68,11 +62,7 @@ def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def main(cfg) -> None:
-    job = to_dataclass(cfg, EvaluateJob)
-    run(job, Path(HydraConfig.get().runtime.output_dir), OmegaConf.to_container(cfg, resolve=True))
-
+main = hydra_app("evaluate", EvaluateJob, run)
 
 if __name__ == "__main__":
     main()

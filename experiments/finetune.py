@@ -14,17 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from experiments.logs import quiet_library_logs  # noqa: E402
-from experiments.schema import FinetuneJob, register, to_dataclass  # noqa: E402
+from experiments.app import hydra_app  # noqa: E402
+from experiments.schema import FinetuneJob  # noqa: E402
 
-register()
-quiet_library_logs()
 
 
 def load_instruction_records(data):
@@ -64,7 +58,7 @@ def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
     train_rec, val_rec = split_records(records, d.val_size, d.split_seed)
     corpus = load_documents(ev.corpus)
     params, cfg, tok = load_model(job.model.source)
-    cfg = cfg.replace(compute_dtype=job.model.compute_dtype)
+    cfg = cfg.replace(compute_dtype=job.model.compute_dtype, remat=job.model.remat)
     enc_train = encode_records(tok, train_rec, d.cutoff_len)
     enc_val = encode_records(tok, val_rec, d.cutoff_len)
     if len(enc_train) == 0:
@@ -128,11 +122,7 @@ def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
-def main(cfg) -> None:
-    job = to_dataclass(cfg, FinetuneJob)
-    run(job, Path(HydraConfig.get().runtime.output_dir), OmegaConf.to_container(cfg, resolve=True))
-
+main = hydra_app("finetune", FinetuneJob, run)
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,8 @@ from alpaca_jax.train.loop import TrainConfig
 @dataclass
 class ModelSourceCfg:
     source: str = "smollm2-135m-instruct"  # registered name, HF directory, .gguf, or hub id
-    compute_dtype: str = "float32"
+    compute_dtype: str = "float32"   # bfloat16: bf16 matmuls, params (master weights) stay fp32
+    remat: bool = False              # recompute each block in the backward pass (less memory)
 
 
 @dataclass

@@ -101,8 +101,9 @@ def test_malformed_data_fails_before_the_model_loads(tmp_path):
 
 
 def test_multirun_sweep_with_the_basic_launcher(tiny_gguf, tmp_path):
-    cmd = _cmd(tiny_gguf, tmp_path, "-m", "train.lr=1e-3,3e-3", "train.eval_every=2", steps=4,
+    cmd = _cmd(tiny_gguf, tmp_path, "train.lr=1e-3,3e-3", "train.eval_every=2", steps=4,
                dir_key="hydra.sweep.dir")
+    cmd.insert(2, "-m")  # Hydra's flags come before the overrides
     proc = subprocess.run(cmd, env=dict(os.environ, WANDB_MODE="disabled"), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -60,15 +60,13 @@ class TrainResult:
     tokens_per_s: float = 0.0
 
 
-def evaluate_loss(params, rows: PackedRows, eval_fn, batch_size: int, mesh=None) -> float:
+def evaluate_loss(params, rows: PackedRows, eval_fn, batch_size: int) -> float:
     """Mean NLL over every loss token of every row (rows padded to a fixed batch, masked)."""
     total = count = 0.0
     for k in range(0, len(rows), batch_size):
         idx = np.arange(k, min(k + batch_size, len(rows)))
         batch = rows.rows(np.concatenate([idx, np.full(batch_size - idx.size, idx[0])]))
         batch["loss_mask"][idx.size:] = 0.0
-        if mesh is not None:
-            batch = shard_batch(batch, mesh, batch_axis=0)
         s, n = eval_fn(params, batch)
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
