@@ -20,7 +20,7 @@ from experiments.schema import EvaluateJob  # noqa: E402
 
 def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
     from alpaca_jax import count_params, generate, load_model
-    from alpaca_jax.data.corpora import load_documents, read_raw_text
+    from alpaca_jax.data.corpora import load_documents, load_token_ids, read_raw_text
     from alpaca_jax.eval.perplexity import perplexity
     from alpaca_jax.io.registry import REGISTRY
     from alpaca_jax.provenance import git_sha, machine, versions, write_json_atomic
@@ -28,15 +28,22 @@ def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
     t0 = time.time()
     sha = git_sha()  # the code this run started from, not whatever HEAD is when it ends
     raw = job.eval.raw_text
-    texts = {name: read_raw_text(name) if raw else "\n\n".join(load_documents(name))
-             for name in job.eval.corpora}  # read before the model: fail fast on bad names
+    def read(name):  # a .npy of token ids, the raw file, or its documents
+        if name.endswith(".npy"):
+            return load_token_ids(name)
+        return read_raw_text(name) if raw else "\n\n".join(load_documents(name))
+
+    texts = {name: read(name) for name in job.eval.corpora}  # before the model: fail fast
     params, cfg, tok = load_model(job.model.source)
     cfg = cfg.replace(compute_dtype=job.model.compute_dtype, remat=job.model.remat)
     print(f"loaded {job.model.source}: {count_params(params) / 1e6:.1f}M parameters, "
           f"{cfg.num_layers} blocks", flush=True)
     metrics = {"params": count_params(params)}
     for name, text in texts.items():
-        ids = tok.encode(text, bos=False, parse_special=raw)[: job.eval.max_tokens]
+        if isinstance(text, str):
+            ids = tok.encode(text, bos=False, parse_special=raw)[: job.eval.max_tokens]
+        else:  # pre-tokenized rows, read as one stream
+            ids = load_token_ids(name, cfg.vocab_size).reshape(-1)[: job.eval.max_tokens]
         t = time.time()
         ppl = perplexity(params, cfg, ids, ctx_len=job.eval.ctx_len, batch_size=job.eval.batch_size)
         metrics[f"ppl/{name}"] = ppl

@@ -75,7 +75,8 @@ def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
     print(f"data: {data_stats}", flush=True)
     mesh = make_mesh(fsdp=job.mesh_fsdp) if job.mesh_fsdp > 1 else None
 
-    wb = start_run(job.logger, run_dir, "finetune", resolved)
+    wb = start_run(job.logger, run_dir, "finetune",
+                   {**resolved, "git_sha": sha, "versions": versions()})
     eval_fn = make_eval_fn(cfg)
     ppl_ids = tok.encode("\n\n".join(corpus), bos=False, parse_special=False)[: ev.ppl_tokens]
     prompts = [format_prompt(r) for r in val_rec[: ev.samples]]

@@ -106,3 +106,22 @@ def test_synthetic_tasks_and_exact_match():
     preds[3] = "wrong"
     preds[4] = "  " + preds[4] + ".\n"
     assert exact_match(preds, tasks[:10]) == 0.9
+
+
+def test_pretokenized_npy_ids(tmp_path):
+    from alpaca_jax.data.corpora import load_token_ids
+
+    good = tmp_path / "ids.npy"
+    np.save(good, np.arange(12, dtype=np.int64).reshape(3, 4))
+    ids = load_token_ids(good, vocab_size=12)
+    assert ids.shape == (3, 4) and ids.dtype == np.int32
+    with pytest.raises(ValueError, match=r"ids\.npy: token ids span \[0, 11\].*\[0, 10\)"):
+        load_token_ids(good, vocab_size=10)
+    flat = tmp_path / "flat.npy"
+    np.save(flat, np.arange(5))
+    with pytest.raises(ValueError, match=r"flat\.npy: expected an \[N, T\] integer array"):
+        load_token_ids(flat)
+    junk = tmp_path / "junk.npy"
+    junk.write_bytes(b"not numpy")
+    with pytest.raises(ValueError, match=r"junk\.npy: not a readable"):
+        load_token_ids(junk)

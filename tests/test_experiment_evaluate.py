@@ -20,14 +20,18 @@ def _run(*overrides, cwd):
 def test_evaluate_writes_results_json(tmp_path):
     write_tiny_gguf(tiny_hf_model(vocab=len(tiny_bpe_vocab()[0])), tmp_path / "tiny.gguf")
     (tmp_path / "corpus.txt").write_text("the hello tell the hello\n\n" * 40)
+    import numpy as np
+    np.save(tmp_path / "ids.npy", np.random.RandomState(0).randint(0, 100, (4, 50)))
     run_dir = tmp_path / "run"
-    proc = _run(f"model.source={tmp_path / 'tiny.gguf'}", f"eval.corpora=[{tmp_path / 'corpus.txt'}]",
+    proc = _run(f"model.source={tmp_path / 'tiny.gguf'}",
+                f"eval.corpora=[{tmp_path / 'corpus.txt'},{tmp_path / 'ids.npy'}]",
                 "eval.ctx_len=32", "eval.max_tokens=200", "eval.prompts=[hi]",
                 "eval.max_new_tokens=4", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((run_dir / "results.json").read_text())
     ppl = res["metrics"][f"ppl/{tmp_path / 'corpus.txt'}"]
     assert 1.0 < ppl < 1e4
+    assert 1.0 < res["metrics"][f"ppl/{tmp_path / 'ids.npy'}"] < 1e4
     assert res["config"]["eval"]["ctx_len"] == 32
     assert res["git_sha"] and "jax" in res["versions"] and len(res["samples"]) == 1
 

@@ -9,6 +9,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+import numpy as np
+
 BUILTIN_CORPORA = ("wiki", "tiny", "c4", "code", "technical", "multilingual")
 _DOC_RE = re.compile(r'<doc [^>]*>\n(.*?)\n?</doc>', re.S)
 
@@ -72,3 +74,20 @@ def load_documents(source: str, split: str = "train", text_key: str = "text") ->
     if text_key not in ds.column_names:
         raise ValueError(f"corpus {source!r}: no column {text_key!r} (columns: {ds.column_names})")
     return [t for t in ds[text_key] if t and t.strip()]
+
+
+def load_token_ids(path, vocab_size: int | None = None) -> np.ndarray:
+    """A pre-tokenized `[N, T]` integer `.npy` file (rows of token ids), checked against the
+    vocabulary; the error names the file."""
+    path = Path(path)
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable .npy array ({e})") from e
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{path}: expected an [N, T] integer array of token ids, got "
+                         f"shape {ids.shape} dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size)):
+        raise ValueError(f"{path}: token ids span [{ids.min()}, {ids.max()}], outside the "
+                         f"vocabulary [0, {vocab_size})")
+    return ids.astype(np.int32)
