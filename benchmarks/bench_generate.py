@@ -45,9 +45,10 @@ def main():
     import transformers
 
     from alpaca_jax import forward, generate_ids, load_model, save_hf
+    from alpaca_jax.data.corpora import load_documents
 
     params, cfg, tok = load_model(args.model)
-    docs = "\n\n".join(__import__("alpaca_jax.data.corpora", fromlist=["x"]).load_documents("wiki")[:20])
+    docs = "\n\n".join(load_documents("wiki")[:20])
     prompt = tok.encode(docs, bos=False)[: args.prompt_len]
     short = prompt[:16]
     n_new = args.new_tokens

@@ -20,7 +20,8 @@ from experiments.schema import EvaluateJob  # noqa: E402
 
 def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
     from alpaca_jax import count_params, generate, load_model
-    from alpaca_jax.data.corpora import load_documents, load_token_ids, read_raw_text
+    from alpaca_jax.data.corpora import (check_token_ids, load_documents, load_token_ids,
+                                         read_raw_text)
     from alpaca_jax.eval.perplexity import perplexity
     from alpaca_jax.io.registry import REGISTRY
     from alpaca_jax.provenance import git_sha, machine, versions, write_json_atomic
@@ -43,7 +44,7 @@ def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
         if isinstance(text, str):
             ids = tok.encode(text, bos=False, parse_special=raw)[: job.eval.max_tokens]
         else:  # pre-tokenized rows, read as one stream
-            ids = load_token_ids(name, cfg.vocab_size).reshape(-1)[: job.eval.max_tokens]
+            ids = check_token_ids(text, cfg.vocab_size, name).reshape(-1)[: job.eval.max_tokens]
         t = time.time()
         ppl = perplexity(params, cfg, ids, ctx_len=job.eval.ctx_len, batch_size=job.eval.batch_size)
         metrics[f"ppl/{name}"] = ppl

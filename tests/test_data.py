@@ -1,5 +1,6 @@
 """Instruction data: templates, response-only loss, cutoff accounting, packing, batch order."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,7 +66,7 @@ def test_malformed_records_name_file_and_index(tmp_path):
 
 
 def test_real_alpaca_small_loads():
-    recs = load_records(str(__import__("pathlib").Path(__file__).resolve().parents[2]
+    recs = load_records(str(Path(__file__).resolve().parents[2]
                             / "shared/data/alpaca/alpaca_small.json"))
     assert len(recs) == 2000 and all(set(r) == {"instruction", "input", "output"} for r in recs)
     train, val = split_records(recs, 100, seed=0)

@@ -4,6 +4,7 @@ import json
 import jax
 import numpy as np
 import pytest
+import torch
 import transformers
 
 from alpaca_jax import forward, load_hf, load_model, save_hf
@@ -44,7 +45,7 @@ def test_sharded_checkpoint_round_trip(tmp_path):
 
 
 def test_bf16_checkpoint_loads_as_requested_dtype(tmp_path):
-    model = tiny_hf_model().to(dtype=__import__("torch").bfloat16)
+    model = tiny_hf_model().to(dtype=torch.bfloat16)
     model.save_pretrained(tmp_path)
     params, cfg, _ = load_hf(tmp_path, dtype=np.float32)
     assert params["layers"]["wq"].dtype == np.float32

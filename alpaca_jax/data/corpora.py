@@ -87,7 +87,12 @@ def load_token_ids(path, vocab_size: int | None = None) -> np.ndarray:
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"{path}: expected an [N, T] integer array of token ids, got "
                          f"shape {ids.shape} dtype {ids.dtype}")
+    return check_token_ids(ids.astype(np.int32), vocab_size, str(path))
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int | None, source: str) -> np.ndarray:
+    """Raise, naming `source`, when ids fall outside `[0, vocab_size)`."""
     if ids.size and (ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size)):
-        raise ValueError(f"{path}: token ids span [{ids.min()}, {ids.max()}], outside the "
+        raise ValueError(f"{source}: token ids span [{ids.min()}, {ids.max()}], outside the "
                          f"vocabulary [0, {vocab_size})")
-    return ids.astype(np.int32)
+    return ids
