@@ -70,8 +70,8 @@ def test_accumulation_equals_one_big_batch():
     big = {k: v.reshape(1, 8, -1) for k, v in batch.items()}
     small = {k: v.reshape(4, 2, -1) for k, v in batch.items()}
     step = make_train_step(CFG, opt)
-    t1, _, m1 = step(jax.tree_util.tree_map(np.array, t), f, opt.init(t), big)
-    t2, _, m2 = step(jax.tree_util.tree_map(np.array, t), f, opt.init(t), small)
+    t1, _, m1 = step(jax.tree_util.tree_map(np.array, t), f, opt.init(t), big, 0)
+    t2, _, m2 = step(jax.tree_util.tree_map(np.array, t), f, opt.init(t), small, 0)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(t1), jax.tree_util.tree_leaves(t2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
@@ -99,10 +99,10 @@ def test_sharded_step_equals_unsharded():
     opt = optax.adamw(1e-3)
     batch = {k: v.reshape(1, 8, -1) for k, v in rows.rows(np.arange(8)).items()}
     step = make_train_step(CFG, opt)
-    ref, _, m_ref = step(jax.tree_util.tree_map(np.array, t), f, opt.init(t), batch)
+    ref, _, m_ref = step(jax.tree_util.tree_map(np.array, t), f, opt.init(t), batch, 0)
     ts = shard_tree(t, mesh)
     assert ts["layers"]["w_up"].sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
-    got, _, m = step(ts, f, opt.init(ts), shard_batch(batch, mesh))
+    got, _, m = step(ts, f, opt.init(ts), shard_batch(batch, mesh), 0)
     np.testing.assert_allclose(float(m["loss"]), float(m_ref["loss"]), rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

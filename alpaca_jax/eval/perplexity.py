@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alpaca_jax.model.forward import forward, identity
+from alpaca_jax.model.adapters import adapted
+from alpaca_jax.model.forward import forward
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "materialize"))
@@ -39,7 +40,7 @@ def _windows(n_tokens: int, ctx_len: int, stride: int):
 
 
 def token_nll(params, cfg, ids, *, ctx_len: int = 512, stride: int | None = None,
-              bos_id: int | None = None, batch_size: int = 8, materialize=identity):
+              bos_id: int | None = None, batch_size: int = 8, materialize=adapted):
     """(sum of token NLLs, number of scored tokens) over a 1-D id stream."""
     ids = np.asarray(ids, np.int32).reshape(-1)
     if ids.size < 2:
@@ -77,7 +78,7 @@ def token_nll(params, cfg, ids, *, ctx_len: int = 512, stride: int | None = None
 
 def perplexity(params, cfg, ids_or_text, tokenizer=None, *, ctx_len: int = 512,
                stride: int | None = None, bos: bool = False, max_tokens: int | None = None,
-               batch_size: int = 8, materialize=identity) -> float:
+               batch_size: int = 8, materialize=adapted) -> float:
     """Perplexity of a token stream (1-D ids) or of text (tokenized without BOS; documents in a
     list are joined with a blank line). `max_tokens` keeps the first N tokens of the stream."""
     docs = [ids_or_text] if isinstance(ids_or_text, str) else ids_or_text

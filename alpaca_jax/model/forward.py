@@ -1,8 +1,10 @@
 """The one forward pass: training, scoring, prefill and decode all go through `forward`.
 
 Blocks run under one `lax.scan` over the stacked `layers` params. Every matmul with a weight
-asks `materialize(tree, name)` for the effective weight, which is how LoRA, QAT and other
-transforms compose without touching this file.
+goes through the `materialize` hook (`model/adapters.py`): a plain function `(tree, name) ->
+weight`, or a `Transform` whose `linear(x, tree, name)` may skip forming the weight (LoRA's
+factored path). That is how LoRA, QAT and other transforms compose without touching this file.
+The default, `adapted`, applies any adapters the params hold, so they are never silently ignored.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from alpaca_jax.config import ModelConfig
+from alpaca_jax.model.adapters import RNG, Transform, adapted
 from alpaca_jax.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 
 Materialize = Callable[[dict, str], jax.Array]
@@ -19,7 +22,7 @@ _MASKED = -1e30  # finite, so a row with every key masked (a left pad) stays NaN
 
 
 def identity(tree: dict, name: str) -> jax.Array:
-    """The default `materialize`: the stored weight, as is."""
+    """The stored weight, as is (adapters in the tree are ignored)."""
     return tree[name]
 
 
@@ -31,6 +34,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 def linear(x: jax.Array, tree: dict, name: str, materialize: Materialize) -> jax.Array:
     """x @ W_eff: the single place a weight meets an activation."""
+    if isinstance(materialize, Transform):
+        return materialize.linear(x, tree, name)
     w = materialize(tree, name)
     return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
 
@@ -71,8 +76,8 @@ def _block(h, lp, cos, sin, kv_BxSxGxK, write_at, mask_BxTxS, cfg, materialize):
 
 
 def forward(params: dict, tokens_BxT: jax.Array, cfg: ModelConfig, *, positions=None,
-            cache: dict | None = None, layer_mask=None, materialize: Materialize = identity,
-            segment_ids=None):
+            cache: dict | None = None, layer_mask=None, materialize: Materialize = adapted,
+            segment_ids=None, rng=None):
     """Logits `[B, T, V]` (float32) and the updated cache (None when called without one).
 
     positions: `[B, T]` RoPE positions; default `0..T-1`, or, with a cache, the slot index
@@ -83,6 +88,8 @@ def forward(params: dict, tokens_BxT: jax.Array, cfg: ModelConfig, *, positions=
         shapes, so every "remove block i" candidate reuses one compiled function.
     segment_ids: `[B, T]` ints (no cache only); tokens attend only within their own segment,
         for packed sequences.
+    rng: a PRNG key for stochastic transforms (adapter dropout in training); each block gets
+        its own key as `tree['rng']`. None (evaluation, generation) is deterministic.
     """
     B, T = tokens_BxT.shape
     L = cfg.num_layers
@@ -116,6 +123,8 @@ def forward(params: dict, tokens_BxT: jax.Array, cfg: ModelConfig, *, positions=
     def body(carry, xs):
         h, kc, vc = carry
         lp, keep_i, i = xs
+        if rng is not None:
+            lp = {**lp, RNG: jax.random.fold_in(rng, i)}
         kv = None if kc is None else (kc[i], vc[i])
         h_new, k_all, v_all = _block(h, lp, cos, sin, kv, write_at, mask, cfg, materialize)
         h = jnp.where(keep_i, h_new, h)

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from alpaca_jax.config import ModelConfig
-from alpaca_jax.model.forward import forward, identity, make_cache
+from alpaca_jax.model.adapters import adapted
+from alpaca_jax.model.forward import forward, make_cache
 
 _PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this, to bound recompilation
 
@@ -63,7 +64,7 @@ def _generate(params, tokens_BxP, start_B, key, *, cfg, max_new_tokens, temperat
 
 def generate_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int = 64, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 eos_ids=None, pad_id: int = 0, materialize=identity) -> list[list[int]]:
+                 eos_ids=None, pad_id: int = 0, materialize=adapted) -> list[list[int]]:
     """New token ids per prompt, cut after the first end-of-sequence id (which is dropped)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each with at least one token")

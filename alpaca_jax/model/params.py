@@ -88,12 +88,13 @@ def check_params(params: dict, cfg: ModelConfig) -> None:
         extra = sorted(set(got) - set(exp))
         if prefix == "['layers']":
             for name in extra:
-                lead = np.shape(jax.tree_util.tree_leaves(got[name])[0])[:1]
-                if lead != (cfg.num_layers,):
-                    raise ValueError(
-                        f"tensor params['layers']['{name}'] has leading axis {lead}, "
-                        f"expected the layer axis ({cfg.num_layers},)"
-                    )
+                for p, leaf in jax.tree_util.tree_flatten_with_path(got[name])[0]:
+                    lead = np.shape(leaf)[:1]
+                    if lead != (cfg.num_layers,):
+                        raise ValueError(
+                            f"tensor params['layers']['{name}']{jax.tree_util.keystr(p)} has "
+                            f"leading axis {lead}, expected the layer axis ({cfg.num_layers},)"
+                        )
         elif extra:
             raise ValueError(f"unexpected tensors params{prefix}: {extra}")
 

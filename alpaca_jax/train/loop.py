@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alpaca_jax.data.batching import PackedRows, batch_indices
-from alpaca_jax.model.forward import identity
+from alpaca_jax.model.adapters import adapted
 from alpaca_jax.train.checkpoint import Checkpointer
 from alpaca_jax.train.optim import make_optimizer
 from alpaca_jax.train.sharding import shard_batch, shard_tree
@@ -73,7 +73,7 @@ def evaluate_loss(params, rows: PackedRows, eval_fn, batch_size: int) -> float:
 
 
 def train(params, cfg, train_rows: PackedRows, val_rows: PackedRows | None, tc: TrainConfig,
-          out_dir, *, trainable: Callable[[str], bool] = train_all, materialize=identity,
+          out_dir, *, trainable: Callable[[str], bool] = train_all, materialize=adapted,
           mesh=None, log: Callable[[dict], None] | None = None) -> TrainResult:
     log = log or (lambda m: None)
     trainable_p, frozen = split(params, trainable)
@@ -101,7 +101,7 @@ def train(params, cfg, train_rows: PackedRows, val_rows: PackedRows | None, tc: 
         result.resumed_from = start
     result.checkpoint_fallbacks = ckpt.fallbacks
 
-    step_fn = make_train_step(cfg, optimizer, materialize)
+    step_fn = make_train_step(cfg, optimizer, materialize, seed=tc.seed)
     eval_fn = make_eval_fn(cfg, materialize)
     rows_per_step = tc.batch_size * tc.accum_steps
     tokens_done, t_run = 0.0, None
@@ -119,7 +119,7 @@ def train(params, cfg, train_rows: PackedRows, val_rows: PackedRows | None, tc: 
             batch = shard_batch(batch, mesh)
         if t_run is None and step > start:
             t_run = time.perf_counter()  # throughput excludes the compiling first step
-        trainable_p, opt_state, m = step_fn(trainable_p, frozen, opt_state, batch)
+        trainable_p, opt_state, m = step_fn(trainable_p, frozen, opt_state, batch, step)
         m = {k: float(v) for k, v in m.items()}
         if not m["finite"]:
             ckpt.wait()

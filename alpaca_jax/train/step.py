@@ -5,42 +5,52 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from alpaca_jax.model.forward import forward, identity
+from alpaca_jax.model.adapters import adapted
+from alpaca_jax.model.forward import forward
 from alpaca_jax.train.split import combine
 
 
-def loss_sums(params, batch, cfg, materialize=identity):
+def loss_sums(params, batch, cfg, materialize=adapted, rng=None):
     """(sum of NLL over loss tokens, number of loss tokens). Token t+1 is a target only when it
-    is in the loss mask and in the same packed example as token t."""
+    is in the loss mask and in the same packed example as token t. `rng` turns on adapter
+    dropout (training)."""
     tokens, seg = batch["tokens"], batch["segment_ids"]
     logits, _ = forward(params, tokens, cfg, positions=batch["positions"], segment_ids=seg,
-                        materialize=materialize)
+                        materialize=materialize, rng=rng)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     mask = batch["loss_mask"][:, 1:] * (seg[:, 1:] == seg[:, :-1])
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def make_train_step(cfg, optimizer, materialize=identity):
-    """step(trainable, frozen, opt_state, batch) with batch leaves `[accum, B, T]`; the update
-    uses the mean loss over all loss tokens of all micro-batches (exact accumulation). A step
-    whose loss or gradient is not finite changes nothing and reports `finite=False`."""
+def make_train_step(cfg, optimizer, materialize=adapted, seed: int = 0):
+    """step(trainable, frozen, opt_state, batch, step_idx) with batch leaves `[accum, B, T]`;
+    the update uses the mean loss over all loss tokens of all micro-batches (exact accumulation).
+    A step whose loss or gradient is not finite changes nothing and reports `finite=False`.
 
-    def micro_grads(trainable, frozen, mb):
+    Randomness (adapter dropout) is keyed by `fold_in(fold_in(key(seed), step_idx), micro)`: a
+    pure function of the step, so a resumed run draws the same masks with no RNG state saved."""
+
+    def micro_grads(trainable, frozen, mb, rng):
         def f(t):
-            s, n = loss_sums(combine(t, frozen), mb, cfg, materialize)
+            s, n = loss_sums(combine(t, frozen), mb, cfg, materialize, rng=rng)
             return s, n
         (s, n), g = jax.value_and_grad(f, has_aux=True)(trainable)
         return s, n, g
 
-    def step(trainable, frozen, opt_state, batch):
-        def body(carry, mb):
+    def step(trainable, frozen, opt_state, batch, step_idx):
+        step_key = jax.random.fold_in(jax.random.PRNGKey(seed), step_idx)
+
+        def body(carry, xs):
+            mb, micro = xs
             s_acc, n_acc, g_acc = carry
-            s, n, g = micro_grads(trainable, frozen, mb)
+            s, n, g = micro_grads(trainable, frozen, mb, jax.random.fold_in(step_key, micro))
             return (s_acc + s, n_acc + n, jax.tree_util.tree_map(jnp.add, g_acc, g)), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
-        (s, n, g), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros), batch)
+        accum = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        (s, n, g), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros),
+                                    (batch, jnp.arange(accum)))
         n = jnp.maximum(n, 1.0)
         grads = jax.tree_util.tree_map(lambda x: x / n, g)
         loss, gnorm = s / n, optax.tree.norm(grads)
@@ -55,7 +65,7 @@ def make_train_step(cfg, optimizer, materialize=identity):
     return jax.jit(step, donate_argnums=(0, 2))
 
 
-def make_eval_fn(cfg, materialize=identity):
+def make_eval_fn(cfg, materialize=adapted):
     @jax.jit
     def eval_sums(params, batch):
         return loss_sums(params, batch, cfg, materialize)

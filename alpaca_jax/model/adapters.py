@@ -1,0 +1,114 @@
+"""How a stored weight becomes the weight a matmul uses (the `materialize` hook), and low-rank
+adapters (LoRA, DoRA) as the model computes with them.
+
+Adapters live in the params tree beside the weights they adapt (DESIGN.md, "Transforms"):
+
+    params['layers']['lora'][target] = {
+        'a': [L, in, r], 'b': [L, r, out],   # delta W = scale * a @ b  (kernels are [in, out])
+        'scale': [L],                        # alpha / r, or alpha / sqrt(r) for rsLoRA
+        'dropout': [L],                      # dropout rate on the adapter's input (training)
+        'm': [L, out],                       # DoRA only: the magnitude vector
+    }
+
+so the tree describes itself: forward, generate, perplexity and training apply whatever adapters
+it holds (the default transform, `adapted`), `merge` needs no side config, and depth pruning
+drops adapter rows with the rest of the layer axis. The math follows HF PEFT (`peft.tuners.lora`):
+LoRA adds `scale * dropout(x) @ a @ b`; DoRA rescales each output column of `W + scale*a@b` to
+the magnitude `m`, with the column norm treated as a constant in the backward pass (DoRA paper
+section 4.3, as PEFT does).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+ADAPTERS = "lora"            # the key under params['layers']
+RNG = "rng"                  # per-block dropout key that `forward(rng=...)` puts in each block
+ADAPTER_WEIGHTS = ("a", "b", "m")   # trainable; 'scale' and 'dropout' are fixed settings
+_KERNELS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # fold-in index per target
+
+
+def _matmul(x, w):
+    return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
+
+
+class Transform:
+    """The `materialize` hook as an object: `weight(tree, name)` is the effective weight,
+    `linear(x, tree, name)` computes `x @ W_eff`, possibly without forming `W_eff` (LoRA's
+    factored path: no full-size weight gradient). Subclasses are frozen dataclasses, so they
+    are hashable and can be static arguments of jitted functions."""
+
+    def __call__(self, tree: dict, name: str) -> jax.Array:
+        return self.weight(tree, name)
+
+    def weight(self, tree: dict, name: str) -> jax.Array:
+        return tree[name]
+
+    def linear(self, x: jax.Array, tree: dict, name: str) -> jax.Array:
+        return _matmul(x, self.weight(tree, name))
+
+
+def adapter_of(tree: dict, name: str) -> dict | None:
+    group = tree.get(ADAPTERS) if isinstance(tree, dict) else None
+    return None if group is None else group.get(name)
+
+
+def _col_norm(w_eff):
+    """Per-output-feature norm of `[.., in, out]` (PEFT's norm over the input dim of `[out, in]`),
+    a constant for autodiff as in PEFT's DoRA."""
+    n = jnp.sqrt(jnp.sum(jnp.square(w_eff.astype(jnp.float32)), axis=-2))
+    return jax.lax.stop_gradient(n)
+
+
+def effective_weight(w: jax.Array, ad: dict) -> jax.Array:
+    """`W + scale * a @ b` (LoRA) or `m * (W + scale * a @ b) / ||.||_col` (DoRA), any leading
+    axes (one layer or the stacked `[L, ...]`), computed in float32, returned in `w`'s dtype."""
+    a, b = ad["a"].astype(jnp.float32), ad["b"].astype(jnp.float32)
+    scale = jnp.asarray(ad["scale"], jnp.float32)[..., None, None]
+    w_eff = w.astype(jnp.float32) + scale * jnp.einsum("...ir,...ro->...io", a, b)
+    if "m" in ad:
+        w_eff = w_eff * (ad["m"].astype(jnp.float32) / _col_norm(w_eff))[..., None, :]
+    return w_eff.astype(w.dtype)
+
+
+def _dropout(x, rate, key):
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
+
+
+@dataclass(frozen=True)
+class Adapted(Transform):
+    """Stored weights plus whatever adapters the tree holds; the default everywhere.
+
+    Adapter dropout is active only when the block carries a key (`forward(..., rng=key)`, which
+    the training step passes); evaluation and generation are deterministic, as in PEFT's eval
+    mode."""
+
+    def weight(self, tree, name):
+        ad = adapter_of(tree, name)
+        return tree[name] if ad is None else effective_weight(tree[name], ad)
+
+    def linear(self, x, tree, name):
+        w, ad = tree[name], adapter_of(tree, name)
+        if ad is None:
+            return _matmul(x, w)
+        xd = x
+        if RNG in tree:
+            key = jax.random.fold_in(tree[RNG], _KERNELS.index(name) if name in _KERNELS else 99)
+            xd = _dropout(x, ad["dropout"], key)
+        base = _matmul(x, w)
+        low = _matmul(_matmul(xd, ad["a"]), ad["b"]) * ad["scale"].astype(x.dtype)
+        if "m" not in ad:
+            return base + low
+        w_eff = w.astype(jnp.float32) + ad["scale"] * jnp.einsum(
+            "ir,ro->io", ad["a"].astype(jnp.float32), ad["b"].astype(jnp.float32))
+        g = (ad["m"].astype(jnp.float32) / _col_norm(w_eff)).astype(x.dtype)
+        if xd is x:
+            return g * (base + low)
+        # PEFT with dropout: x @ W + (g - 1) * (dropout(x) @ W) + g * lora(dropout(x))
+        return base + (g - 1) * _matmul(xd, w) + g * low
+
+
+adapted = Adapted()

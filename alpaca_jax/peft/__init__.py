@@ -1,0 +1,12 @@
+"""Parameter-efficient fine-tuning: LoRA and DoRA adapters as params -> params transforms, and
+HF PEFT's adapter format in and out.
+
+    from alpaca_jax.peft import add_lora, merge, load_peft, save_peft, is_adapter
+"""
+from alpaca_jax.peft.hf_peft import load_peft, save_peft
+from alpaca_jax.peft.lora import (adapter_summary, add_lora, check_adapters, has_adapters,
+                                  is_adapter, lora_scale, merge)
+from alpaca_jax.peft.targets import resolve_targets
+
+__all__ = ["add_lora", "merge", "load_peft", "save_peft", "is_adapter", "has_adapters",
+           "adapter_summary", "check_adapters", "lora_scale", "resolve_targets"]

@@ -1,0 +1,129 @@
+"""LoRA and DoRA as `params -> params` transforms: `add_lora` puts adapters in the tree (layout in
+`alpaca_jax.model.adapters`), `merge` folds them into the base weights, `is_adapter` is the
+trainable predicate for `train(..., trainable=is_adapter)`."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alpaca_jax.config import ModelConfig
+from alpaca_jax.model.adapters import ADAPTER_WEIGHTS, ADAPTERS, effective_weight
+from alpaca_jax.model.params import check_params
+from alpaca_jax.peft.targets import KERNELS, resolve_targets
+
+METHODS = ("lora", "dora")
+SCALINGS = ("standard", "rslora")
+DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def lora_scale(alpha: float, rank: int, scaling: str) -> float:
+    """PEFT's `scaling`: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    if scaling not in SCALINGS:
+        raise ValueError(f"adapter scaling {scaling!r} is not one of {SCALINGS}")
+    return alpha / math.sqrt(rank) if scaling == "rslora" else alpha / rank
+
+
+def is_adapter(path: str) -> bool:
+    """Trainable predicate: adapter weights (a, b and DoRA's m), not their fixed settings and
+    not the base model. `path` is a `jax.tree_util.keystr`."""
+    return f"['{ADAPTERS}']" in path and path.endswith(tuple(f"['{k}']" for k in ADAPTER_WEIGHTS))
+
+
+def has_adapters(params: dict) -> bool:
+    return bool(params.get("layers", {}).get(ADAPTERS))
+
+
+def _check_settings(rank, alpha, dropout, method, scaling):
+    if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"adapter rank must be a positive integer, got {rank!r}")
+    if not alpha > 0:
+        raise ValueError(f"adapter alpha must be > 0, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"adapter dropout must be in [0, 1), got {dropout!r}")
+    if method not in METHODS:
+        raise ValueError(f"adapter method {method!r} is not one of {METHODS}")
+    lora_scale(alpha, rank, scaling)
+
+
+def add_lora(params: dict, cfg: ModelConfig, key: jax.Array, rank: int = 8, alpha: float = 16.0,
+             targets: str | Iterable[str] = DEFAULT_TARGETS, dropout: float = 0.0,
+             method: str = "lora", scaling: str = "standard") -> dict:
+    """Params with adapters beside each targeted kernel of every block, initialised as PEFT does
+    (A ~ kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(in)), B = 0; DoRA's m = the column norms of W),
+    so the model's output is unchanged until training moves B."""
+    _check_settings(rank, alpha, dropout, method, scaling)
+    check_params(params, cfg)
+    if has_adapters(params):
+        raise ValueError("params already hold adapters "
+                         f"({sorted(params['layers'][ADAPTERS])}); merge them first")
+    kernels = resolve_targets(targets)
+    L = cfg.num_layers
+    scale = lora_scale(alpha, rank, scaling)
+    group = {}
+    for k, name in zip(jax.random.split(key, len(kernels)), kernels):
+        w = params["layers"][name]
+        _, d_in, d_out = w.shape
+        if rank > min(d_in, d_out):
+            raise ValueError(f"adapter rank {rank} exceeds the smaller dimension of {name} "
+                             f"({KERNELS[name][0]}: [{d_in}, {d_out}]); use rank <= "
+                             f"{min(d_in, d_out)}")
+        bound = 1.0 / math.sqrt(d_in)
+        ad = {"a": jax.random.uniform(k, (L, d_in, rank), jnp.float32, -bound, bound),
+              "b": jnp.zeros((L, rank, d_out), jnp.float32),
+              "scale": jnp.full((L,), scale, jnp.float32),
+              "dropout": jnp.full((L,), dropout, jnp.float32)}
+        if method == "dora":
+            ad["m"] = jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=1))
+        group[name] = ad
+    return {**params, "layers": {**params["layers"], ADAPTERS: group}}
+
+
+def merge(params: dict) -> dict:
+    """Fold every adapter into its base weight (in float32, stored in the weight's dtype) and
+    drop the adapter leaves; the result is a plain model with the same logits."""
+    group = params.get("layers", {}).get(ADAPTERS)
+    if not group:
+        return params
+    layers = {k: v for k, v in params["layers"].items() if k != ADAPTERS}
+    for name, ad in group.items():
+        layers[name] = effective_weight(layers[name], ad)
+    return {**params, "layers": layers}
+
+
+def adapter_summary(params: dict) -> dict:
+    """What the tree's adapters are, for recipes and results: method, rank, scale and dropout
+    per target (from the leaves themselves)."""
+    out = {}
+    for name, ad in params.get("layers", {}).get(ADAPTERS, {}).items():
+        scale, drop = np.asarray(ad["scale"]), np.asarray(ad["dropout"])
+        out[KERNELS[name][0]] = {
+            "method": "dora" if "m" in ad else "lora", "rank": int(ad["a"].shape[-1]),
+            "scale": float(scale[0]) if np.all(scale == scale[0]) else scale.tolist(),
+            "dropout": float(drop[0]) if np.all(drop == drop[0]) else drop.tolist()}
+    return out
+
+
+def check_adapters(params: dict, cfg: ModelConfig) -> None:
+    """Raise a ValueError naming the first adapter whose shapes do not fit the model."""
+    group = params.get("layers", {}).get(ADAPTERS, {})
+    L = cfg.num_layers
+    for name, ad in group.items():
+        where = f"params['layers']['{ADAPTERS}']['{name}']"
+        if name not in KERNELS:
+            raise ValueError(f"{where}: {name!r} is not a linear layer of a block")
+        _, d_in, d_out = params["layers"][name].shape
+        missing = {"a", "b", "scale", "dropout"} - set(ad)
+        if missing:
+            raise ValueError(f"{where} lacks {sorted(missing)}")
+        r = np.shape(ad["a"])[-1]
+        want = {"a": (L, d_in, r), "b": (L, r, d_out), "scale": (L,), "dropout": (L,)}
+        if "m" in ad:
+            want["m"] = (L, d_out)
+        for leaf, shape in want.items():
+            if tuple(np.shape(ad[leaf])) != shape:
+                raise ValueError(f"{where}['{leaf}'] has shape {tuple(np.shape(ad[leaf]))}, "
+                                 f"expected {shape} for {name} [{d_in}, {d_out}] with rank {r}")
