@@ -3,6 +3,12 @@
     python experiments/finetune.py                                   # SmolLM2, alpaca_small
     python experiments/finetune.py data=synthetic train=quick logger=disabled
     python experiments/finetune.py -m train.lr=1e-5,3e-5             # a sweep (basic launcher)
+    python experiments/finetune.py peft=lora_r8                      # LoRA (Shortened LLaMA recipe)
+    python experiments/finetune.py peft=dora_r8 peft.rank=16         # DoRA
+
+With adapters, only they train (and are checkpointed); the best adapter is also written in HF
+PEFT's format to `<run dir>/adapter` (loads with `peft.PeftModel.from_pretrained` onto the base
+model exported by `alpaca_jax.save_hf`).
 
 Re-running with the same `hydra.run.dir` resumes from its last checkpoint. Writes
 `results.json` (schema: RESULTS_SCHEMA.md) and W&B logs (offline by default) in the run dir.
@@ -35,10 +41,23 @@ def load_instruction_records(data):
     return records[: data.max_records] if data.max_records else records
 
 
+def check_peft(p) -> None:
+    """Bad adapter settings fail here, before data or model are loaded."""
+    from alpaca_jax.peft import check_settings, resolve_targets
+
+    if p.method not in ("none", "lora", "dora"):
+        raise ValueError(f"peft.method={p.method!r} is not one of none, lora, dora")
+    if p.method != "none":
+        check_settings(p.rank, p.alpha, p.dropout, p.method, p.scaling)
+        resolve_targets(p.targets)
+
+
 def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
-    import numpy as np
+    import jax
 
     from alpaca_jax import count_params, generate, load_model
+    from alpaca_jax.peft import adapter_summary, add_lora, is_adapter, save_peft
+    from alpaca_jax.train.split import train_all
     from alpaca_jax.data.alpaca import encode_records, format_prompt, split_records
     from alpaca_jax.data.batching import pack
     from alpaca_jax.data.corpora import load_documents
@@ -54,11 +73,20 @@ def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
     d, tc, ev = job.data, job.train, job.eval
     if d.cutoff_len > d.seq_len:
         raise ValueError(f"data.cutoff_len={d.cutoff_len} > data.seq_len={d.seq_len}")
+    check_peft(job.peft)
     records = load_instruction_records(d)              # bad data fails before the model loads
     train_rec, val_rec = split_records(records, d.val_size, d.split_seed)
     corpus = load_documents(ev.corpus)
     params, cfg, tok = load_model(job.model.source)
     cfg = cfg.replace(compute_dtype=job.model.compute_dtype, remat=job.model.remat)
+    n_base = count_params(params)
+    pc, trainable = job.peft, train_all
+    if pc.method != "none":
+        params = add_lora(params, cfg, jax.random.PRNGKey(pc.init_seed), rank=pc.rank,
+                          alpha=pc.alpha, targets=pc.targets, dropout=pc.dropout,
+                          method=pc.method, scaling=pc.scaling)
+        trainable = is_adapter
+    n_trainable = count_params(params) - n_base if pc.method != "none" else n_base
     enc_train = encode_records(tok, train_rec, d.cutoff_len)
     enc_val = encode_records(tok, val_rec, d.cutoff_len)
     if len(enc_train) == 0:
@@ -100,10 +128,16 @@ def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in entry.items()), flush=True)
 
-    res = train(params, cfg, train_rows, val_rows, tc, run_dir, mesh=mesh, log=log)
+    res = train(params, cfg, train_rows, val_rows, tc, run_dir, mesh=mesh, log=log,
+                trainable=trainable, fingerprint={"peft": dataclasses.asdict(pc)})
     final = res.best_params if res.best_params is not None else res.params
+    adapter_dir = None
+    if pc.method != "none":
+        adapter_dir = save_peft(final, cfg, run_dir / "adapter",
+                                base_model_name_or_path=job.model.source)
+        print(f"wrote the adapter (HF PEFT format) to {adapter_dir}", flush=True)
     after, samples_after = evaluate(final, "after")
-    metrics = {"params": count_params(params), **before, **after,
+    metrics = {"params": n_base, "trainable_params": n_trainable, **before, **after,
                "best_val_loss": res.best_val_loss, "best_step": res.best_step,
                "final_train_loss": res.history[-1]["loss"] if res.history else None,
                "train_tokens_per_s": res.tokens_per_s}
@@ -112,8 +146,11 @@ def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
         "history": res.history, "val_history": res.val_history,
         "samples": {"before": samples_before, "after": samples_after},
         "resumed_from": res.resumed_from, "checkpoint_fallbacks": res.checkpoint_fallbacks,
-        "recipe": {"base": job.model.source, "finetune": "full", "train": dataclasses.asdict(tc),
-                   "data": dataclasses.asdict(d)},
+        "recipe": {"base": job.model.source,
+                   "finetune": "full" if pc.method == "none" else pc.method,
+                   "adapter": adapter_summary(final) or None,
+                   "adapter_dir": None if adapter_dir is None else str(adapter_dir),
+                   "train": dataclasses.asdict(tc), "data": dataclasses.asdict(d)},
         "config": resolved, "git_sha": sha, "versions": versions(), "machine": machine(),
         "wall_time_s": round(time.time() - t0, 1),
     }

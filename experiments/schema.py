@@ -62,10 +62,24 @@ class FinetuneEvalCfg:
 
 
 @dataclass
+class PeftCfg:
+    """Group `peft`: `none` trains every weight; `lora` / `dora` train adapters only."""
+    method: str = "none"             # none | lora | dora
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    # short names (q k v o gate up down), kernel names (wq ...), HF names (q_proj ...), globs, all
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    scaling: str = "standard"        # standard: alpha / r; rslora: alpha / sqrt(r)
+    init_seed: int = 0               # the key that draws the A matrices
+
+
+@dataclass
 class FinetuneJob:
     model: ModelSourceCfg = field(default_factory=ModelSourceCfg)
     data: DataCfg = field(default_factory=DataCfg)
     train: TrainConfig = field(default_factory=TrainConfig)
+    peft: PeftCfg = field(default_factory=PeftCfg)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: FinetuneEvalCfg = field(default_factory=FinetuneEvalCfg)
     mesh_fsdp: int = 1               # devices per fsdp group; data parallel over the rest

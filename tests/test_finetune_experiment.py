@@ -120,3 +120,49 @@ def test_wandb_offline_logs_and_returns(tiny_gguf, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_lora_finetune_trains_adapters_only_and_writes_a_peft_adapter(tiny_gguf, tmp_path):
+    """peft=lora_r8 end to end: the recipe's settings land in the tree, only adapters are
+    checkpointed, the saved PEFT adapter reloads to the run's final model, and resuming the run
+    directory with another adapter config is refused before any state is restored."""
+    from alpaca_jax import forward, load_model
+    from alpaca_jax.peft import load_peft
+
+    env = dict(os.environ, WANDB_MODE="disabled")
+    cmd = _cmd(tiny_gguf, tmp_path, "peft=lora_r8", "peft.rank=4", "train.eval_every=2",
+               "train.lr=3e-3", steps=4)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["config"]["train"]["lr"] == 3e-3  # the command line beats the preset's 1e-4
+    assert res["recipe"]["finetune"] == "lora"
+    assert res["recipe"]["adapter"]["q"] == {"method": "lora", "rank": 4, "scale": 4.0,
+                                             "dropout": pytest.approx(0.05)}
+    assert 0 < res["metrics"]["trainable_params"] < res["metrics"]["params"] / 5
+    state = _flat(ocp.StandardCheckpointer().restore(
+        (tmp_path / "checkpoints" / "latest" / "4" / "state").resolve())["trainable"])
+    state = {k: v for k, v in state.items() if v is not None}  # frozen leaves: placeholders
+    assert state and all("/lora/" in k for k in state), sorted(state)[:5]
+    conf = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert conf["r"] == 4 and conf["lora_alpha"] == 16.0 and len(conf["target_modules"]) == 7
+
+    params, cfg, _ = load_model(str(tiny_gguf))
+    loaded = load_peft(params, cfg, tmp_path / "adapter")
+    best = _flat(ocp.StandardCheckpointer().restore(
+        next((tmp_path / "checkpoints" / "best").glob("*/state")).resolve())["trainable"])
+    best = {k: v for k, v in best.items() if v is not None}
+    assert best
+    for k, v in best.items():  # the adapter written is the best checkpoint's
+        _, _, _, name, leaf = k.split("/")
+        np.testing.assert_allclose(np.asarray(loaded["layers"]["lora"][name][leaf]),
+                                   np.asarray(v), rtol=0, atol=0, err_msg=k)
+    tokens = np.arange(12)[None] % cfg.vocab_size
+    assert np.abs(np.asarray(forward(loaded, tokens, cfg)[0])
+                  - np.asarray(forward(params, tokens, cfg)[0])).max() > 0
+
+    again = subprocess.run(_cmd(tiny_gguf, tmp_path, "peft=dora_r8", "peft.rank=4",
+                                "train.eval_every=2", "train.lr=3e-3", steps=4),
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "written by a different run" in again.stderr, \
+        again.stderr[-2000:]

@@ -4,9 +4,10 @@ HF PEFT's adapter format in and out.
     from alpaca_jax.peft import add_lora, merge, load_peft, save_peft, is_adapter
 """
 from alpaca_jax.peft.hf_peft import load_peft, save_peft
-from alpaca_jax.peft.lora import (adapter_summary, add_lora, check_adapters, has_adapters,
+from alpaca_jax.peft.lora import (adapter_summary, add_lora, check_adapters, check_settings,
+                                  has_adapters,
                                   is_adapter, lora_scale, merge)
 from alpaca_jax.peft.targets import resolve_targets
 
 __all__ = ["add_lora", "merge", "load_peft", "save_peft", "is_adapter", "has_adapters",
-           "adapter_summary", "check_adapters", "lora_scale", "resolve_targets"]
+           "adapter_summary", "check_adapters", "check_settings", "lora_scale", "resolve_targets"]

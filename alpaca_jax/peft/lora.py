@@ -37,7 +37,8 @@ def has_adapters(params: dict) -> bool:
     return bool(params.get("layers", {}).get(ADAPTERS))
 
 
-def _check_settings(rank, alpha, dropout, method, scaling):
+def check_settings(rank, alpha, dropout, method, scaling) -> None:
+    """Validate adapter settings before any compute (raises ValueError naming the setting)."""
     if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"adapter rank must be a positive integer, got {rank!r}")
     if not alpha > 0:
@@ -55,7 +56,7 @@ def add_lora(params: dict, cfg: ModelConfig, key: jax.Array, rank: int = 8, alph
     """Params with adapters beside each targeted kernel of every block, initialised as PEFT does
     (A ~ kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(in)), B = 0; DoRA's m = the column norms of W),
     so the model's output is unchanged until training moves B."""
-    _check_settings(rank, alpha, dropout, method, scaling)
+    check_settings(rank, alpha, dropout, method, scaling)
     check_params(params, cfg)
     if has_adapters(params):
         raise ValueError("params already hold adapters "

@@ -50,6 +50,18 @@ class Checkpointer:
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
+    def latest_meta(self) -> dict | None:
+        """The JSON meta of the newest step (None when there is none or it cannot be read), so
+        a run can check it was written by the same configuration before restoring any state."""
+        step = self.latest.latest_step()
+        if step is None:
+            return None
+        try:
+            return self.latest.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+        except (ValueError, KeyError, FileNotFoundError, OSError):
+            return None
+
     def restore_latest(self, target):
         """(step, state, meta) of the newest step that restores, or None when there is none."""
         steps = sorted(self.latest.all_steps(), reverse=True)

@@ -74,7 +74,11 @@ def evaluate_loss(params, rows: PackedRows, eval_fn, batch_size: int) -> float:
 
 def train(params, cfg, train_rows: PackedRows, val_rows: PackedRows | None, tc: TrainConfig,
           out_dir, *, trainable: Callable[[str], bool] = train_all, materialize=adapted,
-          mesh=None, log: Callable[[dict], None] | None = None) -> TrainResult:
+          mesh=None, log: Callable[[dict], None] | None = None,
+          fingerprint: dict | None = None) -> TrainResult:
+    """Train the `trainable` part of `params`; resumes from `out_dir/checkpoints` when it holds a
+    checkpoint of the same train config and `fingerprint` (anything else that shapes the
+    trainable tree or the data, e.g. the adapter config)."""
     log = log or (lambda m: None)
     trainable_p, frozen = split(params, trainable)
     # the step donates its trainable buffers; copy once so the caller's params stay alive
@@ -88,12 +92,22 @@ def train(params, cfg, train_rows: PackedRows, val_rows: PackedRows | None, tc: 
     ckpt = Checkpointer(Path(out_dir) / "checkpoints", tc.keep_checkpoints, tc.async_checkpoints)
     result = TrainResult(params=params, best_params=None)
     start = 0
-    restored = ckpt.restore_latest({"trainable": trainable_p, "opt_state": opt_state})
-    if restored is not None:
-        start, state, meta = restored
+
+    def check_same_run(meta):
         if meta.get("train_config") != dataclasses.asdict(tc):
             raise ValueError(f"checkpoint {ckpt.directory} was written by a different train "
                              f"config: {meta.get('train_config')} != {dataclasses.asdict(tc)}")
+        if meta.get("fingerprint") != fingerprint:
+            raise ValueError(f"checkpoint {ckpt.directory} was written by a different run: "
+                             f"{meta.get('fingerprint')} != {fingerprint}")
+
+    newest_meta = ckpt.latest_meta()
+    if newest_meta is not None:   # before restoring: a different trainable tree would not fit
+        check_same_run(newest_meta)
+    restored = ckpt.restore_latest({"trainable": trainable_p, "opt_state": opt_state})
+    if restored is not None:
+        start, state, meta = restored
+        check_same_run(meta)
         trainable_p, opt_state = state["trainable"], state["opt_state"]
         result.best_val_loss = meta["best_val_loss"]
         result.best_step = meta["best_step"]
@@ -109,7 +123,8 @@ def train(params, cfg, train_rows: PackedRows, val_rows: PackedRows | None, tc: 
     def meta(step):
         return {"step": step, "best_val_loss": result.best_val_loss,
                 "best_step": result.best_step, "history": result.history,
-                "val_history": result.val_history, "train_config": dataclasses.asdict(tc)}
+                "val_history": result.val_history, "train_config": dataclasses.asdict(tc),
+                "fingerprint": fingerprint}
 
     for step in range(start, tc.steps):
         idx = batch_indices(len(train_rows), rows_per_step, step, tc.seed)
