@@ -57,7 +57,7 @@ def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
 
     from alpaca_jax import count_params, generate, load_model
     from alpaca_jax.peft import adapter_summary, add_lora, is_adapter, save_peft
-    from alpaca_jax.train.split import train_all
+    from alpaca_jax.train.split import split, train_all
     from alpaca_jax.data.alpaca import encode_records, format_prompt, split_records
     from alpaca_jax.data.batching import pack
     from alpaca_jax.data.corpora import load_documents
@@ -86,7 +86,7 @@ def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
                           alpha=pc.alpha, targets=pc.targets, dropout=pc.dropout,
                           method=pc.method, scaling=pc.scaling)
         trainable = is_adapter
-    n_trainable = count_params(params) - n_base if pc.method != "none" else n_base
+    n_trainable = count_params(split(params, trainable)[0])
     enc_train = encode_records(tok, train_rec, d.cutoff_len)
     enc_val = encode_records(tok, val_rec, d.cutoff_len)
     if len(enc_train) == 0:
