@@ -91,8 +91,15 @@ def merge(params: dict) -> dict:
         return params
     layers = {k: v for k, v in params["layers"].items() if k != ADAPTERS}
     for name, ad in group.items():
-        layers[name] = effective_weight(layers[name], ad)
+        layers[name] = _merge_layers(layers[name], ad)
     return {**params, "layers": layers}
+
+
+@jax.jit
+def _merge_layers(w, ad):
+    # layer by layer, the same computation the forward's scan does, so a merged weight is bit
+    # for bit the one the un-merged model used (QAT over LoRA relies on it: Q(merge) == Q(W_eff))
+    return jax.lax.map(lambda xs: effective_weight(*xs), (w, ad))
 
 
 def adapter_summary(params: dict) -> dict:

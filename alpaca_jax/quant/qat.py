@@ -1,0 +1,98 @@
+"""Quantization as a transform: PTQ (round-to-nearest, no training), the QAT `materialize`
+transform, and `quantize_params` (the codes and scales export writes).
+
+QAT over LoRA quantizes the effective weight, `W_eff = Q(W + s A B)` (or DoRA's), so merging the
+trained adapter and quantizing gives exactly the weights the QAT forward used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from alpaca_jax.config import ModelConfig
+from alpaca_jax.model.adapters import Transform, adapted
+from alpaca_jax.peft.lora import merge
+from alpaca_jax.quant.formats import Quantized, fake_quant, fake_quant_activations, quantize
+from alpaca_jax.quant.spec import QuantSpec, block_axis, resolve
+
+
+@dataclass(frozen=True)
+class FakeQuant(Transform):
+    """Fake-quantized weights (straight-through gradients) over an inner transform (adapters).
+    `formats` is `resolve(spec, cfg)` as a tuple of (name, format) pairs, so the transform is
+    hashable and can be a static argument of jitted functions."""
+    formats: tuple
+    activations: bool = False
+    inner: Transform = adapted
+
+    @staticmethod
+    def from_spec(spec: QuantSpec, cfg: ModelConfig) -> "FakeQuant":
+        return FakeQuant(tuple(sorted(resolve(spec, cfg).items())), spec.activations)
+
+    def _fmt(self, tree, name):
+        key = name if name in ("embed", "lm_head") else f"layers/{name}"
+        return dict(self.formats).get(key)
+
+    def weight(self, tree, name):
+        w = self.inner.weight(tree, name)
+        fmt = self._fmt(tree, name)
+        return w if fmt is None else fake_quant(w, fmt, axis=block_axis(name))
+
+    def linear(self, x, tree, name):
+        fmt = self._fmt(tree, name)
+        if fmt is None:
+            return self.inner.linear(x, tree, name)
+        if self.activations:
+            x = fake_quant_activations(x)
+        w = self.weight(tree, name)
+        return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
+
+
+def _shape_cfg(params: dict, cfg):
+    """What `resolve` needs, read from the params when no ModelConfig is given."""
+    if cfg is not None:
+        return cfg
+    from types import SimpleNamespace
+    lay = params["layers"]
+    return SimpleNamespace(tie_embeddings="lm_head" not in params,
+                           hidden_size=lay["wq"].shape[1], q_size=lay["wo"].shape[1],
+                           intermediate_size=lay["w_down"].shape[1])
+
+
+def _leaf_names(formats: dict):
+    for key, fmt in formats.items():
+        if key.startswith("layers/"):
+            yield key, ("layers", key.split("/", 1)[1]), fmt
+        else:
+            yield key, (key,), fmt
+
+
+def ptq(params: dict, spec: QuantSpec, cfg: ModelConfig | None = None) -> dict:
+    """Round-to-nearest post-training quantization: adapters merged, every quantized weight
+    replaced by its dequantized value (the float model llama.cpp runs, up to activations)."""
+    params = merge(params)
+    out = {**params, "layers": dict(params["layers"])}
+    for key, path, fmt in _leaf_names(resolve(spec, _shape_cfg(params, cfg))):
+        axis = -1 if key == "embed" else -2
+        fq = jax.jit(lambda w, fmt=fmt, axis=axis: fake_quant(w, fmt, axis=axis))
+        if len(path) == 2:
+            out["layers"][path[1]] = fq(params["layers"][path[1]])
+        else:
+            out[path[0]] = fq(params[path[0]])
+    return out
+
+
+def quantize_params(params: dict, spec: QuantSpec,
+                    cfg: ModelConfig | None = None) -> dict[str, Quantized]:
+    """`{name: Quantized}` for every quantized weight (adapters merged first). Blocks run along
+    the contracted axis, laid out as ggml rows: layer kernels `[L, out, n_blocks, 32]`, the
+    embedding `[V, n_blocks, 32]`, the head `[V, n_blocks, 32]`; scales `[..., n_blocks]`."""
+    params = merge(params)
+    out = {}
+    for key, path, fmt in _leaf_names(resolve(spec, _shape_cfg(params, cfg))):
+        w = params["layers"][path[1]] if len(path) == 2 else params[path[0]]
+        axis = -1 if key == "embed" else -2
+        out[key] = jax.jit(lambda w, fmt=fmt, axis=axis: quantize(w, fmt, axis=axis))(w)
+    return out

@@ -1,0 +1,91 @@
+"""Which weights a quantization run quantizes, and to what: llama.cpp's choices by default.
+
+Measured with llama.cpp's own `llama_model_quantize` (llama-cpp-python 0.3.36) on tiny F32 models
+(`tests/test_quant.py::test_llama_cpp_tensor_types` re-checks it), and `convert_hf_to_gguf.py`
+for Q8_0:
+- norms (1-D) stay F32;
+- every block linear weight gets the file type (Q8_0, Q4_0, Q4_1);
+- Q8_0: the token embedding and the output head are Q8_0 too;
+- Q4_0 / Q4_1: the token embedding gets the file type, but the output head (or, when the
+  embeddings are tied, the shared embedding) gets Q6_K when its row length is a multiple of 256
+  and Q8_0 otherwise (SmolLM2: 576, so Q8_0). Q6_K is not implemented here: for such models the
+  head falls back to Q8_0 and the spec says so (`llama-quantize --output-tensor-type q8_0`
+  produces the same file).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alpaca_jax.config import ModelConfig
+from alpaca_jax.model.params import LAYER_KERNELS
+from alpaca_jax.quant.formats import BLOCK, parse_format
+
+AUTO, KEEP = "auto", "none"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """`weights`: the format of the block linears; `embed` / `head`: `auto` (llama.cpp's choice),
+    `none` (kept in float) or a format name; `activations`: fake-quantize the inputs of quantized
+    matmuls to 8-bit blocks as llama.cpp's CPU path does."""
+    weights: str = "q8_0"
+    embed: str = AUTO
+    head: str = AUTO
+    activations: bool = False
+
+
+def _head_rows_multiple_of_256(cfg: ModelConfig) -> bool:
+    return cfg.hidden_size % 256 == 0
+
+
+def resolve(spec: QuantSpec, cfg: ModelConfig) -> dict[str, str]:
+    """`{param name: format}` for every quantized weight (`layers/<kernel>`, `embed`,
+    `lm_head`); a name absent is kept in float. Raises ValueError for an unknown format or a
+    contracted dimension that is not a multiple of the block size."""
+    w = parse_format(spec.weights).name
+    ggml = w in ("q8_0", "q4_0", "q4_1")
+    out = {f"layers/{k}": w for k in LAYER_KERNELS}
+
+    def pick(choice, default):
+        if choice == AUTO:
+            return default
+        if choice in (KEEP, None):
+            return None
+        return parse_format(choice).name
+
+    head_default = w if (w == "q8_0" or not ggml) else "q8_0"
+    embed_default = head_default if cfg.tie_embeddings else w
+    if not ggml:
+        embed_default = head_default = None  # generic formats: block linears only by default
+    e = pick(spec.embed, embed_default)
+    if e:
+        out["embed"] = e
+    if not cfg.tie_embeddings:
+        h = pick(spec.head, head_default)
+        if h:
+            out["lm_head"] = h
+    elif spec.head not in (AUTO, KEEP, None) and pick(spec.head, None) != e:
+        raise ValueError(f"quant head={spec.head!r} differs from embed={e!r}, but this model "
+                         "ties its embeddings: they are one tensor")
+    dims = {"layers/wq": cfg.hidden_size, "layers/wk": cfg.hidden_size,
+            "layers/wv": cfg.hidden_size, "layers/wo": cfg.q_size,
+            "layers/w_gate": cfg.hidden_size, "layers/w_up": cfg.hidden_size,
+            "layers/w_down": cfg.intermediate_size, "embed": cfg.hidden_size,
+            "lm_head": cfg.hidden_size}
+    for name, fmt in out.items():
+        f = parse_format(fmt)
+        block = f.block or 1
+        if dims[name] % block:
+            raise ValueError(
+                f"cannot quantize {name} to {fmt}: its contracted dimension {dims[name]} is not a "
+                f"multiple of the block size {block} (llama.cpp's converter would fall back to "
+                "F16 for such a tensor; pick another format for it or keep it with 'none')")
+    return out
+
+
+def block_axis(name: str) -> int:
+    """The contracted axis of each quantized leaf (per-layer slices: kernels `[in, out]`)."""
+    return -1 if name == "embed" else -2
+
+
+__all__ = ["QuantSpec", "resolve", "block_axis", "BLOCK"]
