@@ -52,11 +52,31 @@ def check_peft(p) -> None:
         resolve_targets(p.targets)
 
 
+def check_quant(q, peft) -> None:
+    from alpaca_jax.quant import parse_format
+
+    if q.method not in ("none", "ptq", "qat"):
+        raise ValueError(f"quant.method={q.method!r} is not one of none, ptq, qat")
+    if q.method == "none":
+        return
+    for key in ("format", "embed", "head"):
+        value = getattr(q, key)
+        if key == "format" or value not in ("auto", "none"):
+            parse_format(value)
+    if q.method == "ptq" and peft.method != "none":
+        raise ValueError("quant.method=ptq trains nothing; drop peft= (or use quant.method=qat)")
+    if q.method == "qat" and peft.method != "none" and peft.dropout > 0:
+        raise ValueError(f"QAT over {peft.method} quantizes W + s*A@B as one weight, which has no "
+                         f"per-input dropout: set peft.dropout=0 (got {peft.dropout})")
+
+
 def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
     import jax
 
     from alpaca_jax import count_params, generate, load_model
+    from alpaca_jax.model.adapters import adapted
     from alpaca_jax.peft import adapter_summary, add_lora, is_adapter, save_peft
+    from alpaca_jax.quant import FakeQuant, QuantSpec
     from alpaca_jax.train.split import split, train_all
     from alpaca_jax.data.alpaca import encode_records, format_prompt, split_records
     from alpaca_jax.data.batching import pack
@@ -74,6 +94,7 @@ def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
     if d.cutoff_len > d.seq_len:
         raise ValueError(f"data.cutoff_len={d.cutoff_len} > data.seq_len={d.seq_len}")
     check_peft(job.peft)
+    check_quant(job.quant, job.peft)
     records = load_instruction_records(d)              # bad data fails before the model loads
     train_rec, val_rec = split_records(records, d.val_size, d.split_seed)
     corpus = load_documents(ev.corpus)
@@ -87,6 +108,12 @@ def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
                           method=pc.method, scaling=pc.scaling)
         trainable = is_adapter
     n_trainable = count_params(split(params, trainable)[0])
+    qc = job.quant
+    transform, quant_formats = adapted, None
+    if qc.method != "none":
+        transform = FakeQuant.from_spec(QuantSpec(qc.format, qc.embed, qc.head, qc.activations),
+                                        cfg)  # a tensor the format cannot take fails here
+        quant_formats = dict(transform.formats)
     enc_train = encode_records(tok, train_rec, d.cutoff_len)
     enc_val = encode_records(tok, val_rec, d.cutoff_len)
     if len(enc_train) == 0:
@@ -105,15 +132,18 @@ def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
 
     wb = start_run(job.logger, run_dir, "finetune",
                    {**resolved, "git_sha": sha, "versions": versions()})
-    eval_fn = make_eval_fn(cfg)
+    eval_fns = {}
     ppl_ids = tok.encode("\n\n".join(corpus), bos=False, parse_special=False)[: ev.ppl_tokens]
     prompts = [format_prompt(r) for r in val_rec[: ev.samples]]
 
-    def evaluate(p, tag):
-        m = {f"{tag}/ppl_{ev.corpus}": perplexity(p, cfg, ppl_ids, ctx_len=ev.ctx_len)}
+    def evaluate(p, tag, materialize=adapted):
+        m = {f"{tag}/ppl_{ev.corpus}": perplexity(p, cfg, ppl_ids, ctx_len=ev.ctx_len,
+                                                   materialize=materialize)}
         if val_rows is not None:
-            m[f"{tag}/val_loss"] = evaluate_loss(p, val_rows, eval_fn, tc.eval_batch_size)
-        outs = generate(p, cfg, tok, prompts, max_new_tokens=ev.max_new_tokens) if prompts else []
+            fn = eval_fns.setdefault(materialize, make_eval_fn(cfg, materialize))
+            m[f"{tag}/val_loss"] = evaluate_loss(p, val_rows, fn, tc.eval_batch_size)
+        outs = generate(p, cfg, tok, prompts, max_new_tokens=ev.max_new_tokens,
+                        materialize=materialize) if prompts else []
         if d.source == "synthetic" and outs:
             m[f"{tag}/exact_match"] = exact_match(outs, val_rec[: ev.samples])
         print(f"{tag}: {m}", flush=True)
@@ -121,6 +151,9 @@ def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
                     "reference": r["output"], "output": o} for r, o in zip(val_rec, outs)]
 
     before, samples_before = evaluate(params, "before")
+    quantized_before, samples_ptq = {}, None
+    if qc.method != "none":  # round-to-nearest: the starting point of QAT, the PTQ baseline
+        quantized_before, samples_ptq = evaluate(params, "ptq", transform)
 
     def log(entry):
         wb.log(entry, step=entry["step"])
@@ -128,26 +161,37 @@ def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in entry.items()), flush=True)
 
-    res = train(params, cfg, train_rows, val_rows, tc, run_dir, mesh=mesh, log=log,
-                trainable=trainable, fingerprint={"peft": dataclasses.asdict(pc)})
-    final = res.best_params if res.best_params is not None else res.params
+    train_done = qc.method != "ptq"
+    if train_done:
+        res = train(params, cfg, train_rows, val_rows, tc, run_dir, mesh=mesh, log=log,
+                    trainable=trainable, materialize=transform,
+                    fingerprint={"peft": dataclasses.asdict(pc), "quant": dataclasses.asdict(qc)})
+        final = res.best_params if res.best_params is not None else res.params
+    else:
+        res, final = None, params
     adapter_dir = None
     if pc.method != "none":
         adapter_dir = save_peft(final, cfg, run_dir / "adapter",
                                 base_model_name_or_path=job.model.source)
         print(f"wrote the adapter (HF PEFT format) to {adapter_dir}", flush=True)
-    after, samples_after = evaluate(final, "after")
-    metrics = {"params": n_base, "trainable_params": n_trainable, **before, **after,
-               "best_val_loss": res.best_val_loss, "best_step": res.best_step,
-               "final_train_loss": res.history[-1]["loss"] if res.history else None,
-               "train_tokens_per_s": res.tokens_per_s}
+    after, samples_after = evaluate(final, "after", transform) if train_done else ({}, None)
+    metrics = {"params": n_base, "trainable_params": n_trainable, **before, **quantized_before,
+               **after}
+    if res is not None:
+        metrics.update({"best_val_loss": res.best_val_loss, "best_step": res.best_step,
+                        "final_train_loss": res.history[-1]["loss"] if res.history else None,
+                        "train_tokens_per_s": res.tokens_per_s})
     results = {
         "stage": "finetune", "metrics": metrics, "data": data_stats,
-        "history": res.history, "val_history": res.val_history,
-        "samples": {"before": samples_before, "after": samples_after},
-        "resumed_from": res.resumed_from, "checkpoint_fallbacks": res.checkpoint_fallbacks,
+        "history": res.history if res else [], "val_history": res.val_history if res else [],
+        "samples": {"before": samples_before, "ptq": samples_ptq, "after": samples_after},
+        "resumed_from": res.resumed_from if res else None,
+        "checkpoint_fallbacks": res.checkpoint_fallbacks if res else [],
         "recipe": {"base": job.model.source,
-                   "finetune": "full" if pc.method == "none" else pc.method,
+                   "finetune": "none" if not train_done else (
+                       "full" if pc.method == "none" else pc.method),
+                   "quant": None if qc.method == "none" else {
+                       **dataclasses.asdict(qc), "tensors": quant_formats},
                    "adapter": adapter_summary(final) or None,
                    "adapter_dir": None if adapter_dir is None else str(adapter_dir),
                    "train": dataclasses.asdict(tc), "data": dataclasses.asdict(d)},

@@ -75,11 +75,23 @@ class PeftCfg:
 
 
 @dataclass
+class QuantCfg:
+    """Group `quant`: `ptq` evaluates round-to-nearest weights (no training); `qat` trains through
+    the fake quantizer (full fine-tuning, or LoRA over the quantized base with `peft=`)."""
+    method: str = "none"             # none | ptq | qat
+    format: str = "q8_0"             # q8_0 | q4_0 | q4_1 | int8_channel | int4_g32 | ...
+    embed: str = "auto"              # auto (llama.cpp's choice) | none (float) | a format
+    head: str = "auto"
+    activations: bool = False        # 8-bit blocks on matmul inputs, as llama.cpp's CPU path
+
+
+@dataclass
 class FinetuneJob:
     model: ModelSourceCfg = field(default_factory=ModelSourceCfg)
     data: DataCfg = field(default_factory=DataCfg)
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: PeftCfg = field(default_factory=PeftCfg)
+    quant: QuantCfg = field(default_factory=QuantCfg)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: FinetuneEvalCfg = field(default_factory=FinetuneEvalCfg)
     mesh_fsdp: int = 1               # devices per fsdp group; data parallel over the rest
