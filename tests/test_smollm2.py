@@ -81,3 +81,25 @@ def test_matches_llama_cpp_on_the_same_gguf(smollm2):
 
     assert abs(ppl(got) / ppl(ref) - 1) < 0.01, (ppl(got), ppl(ref))
     assert (ref.argmax(-1) == got.argmax(-1)).mean() >= 0.9
+
+
+def test_quantize_params_byte_identical_to_gguf_on_real_weights(smollm2):
+    """SmolLM2's weights (dequantized Q4_1, so many values sit exactly on grid half-steps) are
+    where XLA:CPU's fused multiply-adds once moved Q4_0 codes; every block must match `gguf`."""
+    import gguf
+
+    from alpaca_jax.quant import QuantSpec, quantize_params
+    from alpaca_jax.quant.formats import to_ggml_bytes
+
+    params, cfg, _ = smollm2
+    sub = {**params, "layers": {k: v[:2] for k, v in params["layers"].items()}}
+    for fmt in ("q4_0", "q8_0"):
+        q = quantize_params(sub, QuantSpec(fmt), cfg.replace(num_layers=2))
+        for key in ("layers/w_up", "layers/wq", "embed"):
+            t = gguf.GGMLQuantizationType[q[key].fmt.upper()]
+            if key == "embed":
+                ref = gguf.quants.quantize(np.asarray(params["embed"]), t)
+            else:
+                w = np.asarray(sub["layers"][key.split("/")[1]])
+                ref = np.stack([gguf.quants.quantize(w[i].T, t) for i in range(2)])
+            assert np.array_equal(to_ggml_bytes(q[key]), ref), (fmt, key)
