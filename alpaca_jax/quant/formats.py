@@ -185,7 +185,7 @@ def _in_range(xb, fmt: Format, axis, ndim):
         return None
     imax = jnp.argmax(jnp.abs(xb), axis=-1)[..., None]
     mx = jnp.take_along_axis(xb, imax, axis=-1)
-    d = mx / -8.0
+    d = _div(mx, -8)
     lo, hi = jnp.minimum(-8.5 * d, 7.5 * d), jnp.maximum(-8.5 * d, 7.5 * d)
     ok = (xb >= lo) & (xb <= hi)
     return _unblock(ok, axis, ndim)
@@ -238,11 +238,6 @@ def _ste(f):
         return f(x)
     g.defvjp(lambda x: (f(x), None), lambda _, ct: (ct,))
     return g
-
-
-def to_numpy(q: Quantized) -> Quantized:
-    return Quantized(q.fmt, np.asarray(q.codes), np.asarray(q.d),
-                     None if q.m is None else np.asarray(q.m))
 
 
 def to_ggml_bytes(q: Quantized) -> np.ndarray:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from alpaca_jax.config import ModelConfig
 from alpaca_jax.model.params import LAYER_KERNELS
-from alpaca_jax.quant.formats import BLOCK, parse_format
+from alpaca_jax.quant.formats import parse_format
 
 AUTO, KEEP = "auto", "none"
 
@@ -32,10 +32,6 @@ class QuantSpec:
     embed: str = AUTO
     head: str = AUTO
     activations: bool = False
-
-
-def _head_rows_multiple_of_256(cfg: ModelConfig) -> bool:
-    return cfg.hidden_size % 256 == 0
 
 
 def resolve(spec: QuantSpec, cfg: ModelConfig) -> dict[str, str]:
@@ -87,5 +83,3 @@ def block_axis(name: str) -> int:
     """The contracted axis of each quantized leaf (per-layer slices: kernels `[in, out]`)."""
     return -1 if name == "embed" else -2
 
-
-__all__ = ["QuantSpec", "resolve", "block_axis", "BLOCK"]
