@@ -140,7 +140,9 @@ def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
         m = {f"{tag}/ppl_{ev.corpus}": perplexity(p, cfg, ppl_ids, ctx_len=ev.ctx_len,
                                                    materialize=materialize)}
         if val_rows is not None:
-            fn = eval_fns.setdefault(materialize, make_eval_fn(cfg, materialize))
+            if materialize not in eval_fns:
+                eval_fns[materialize] = make_eval_fn(cfg, materialize)
+            fn = eval_fns[materialize]
             m[f"{tag}/val_loss"] = evaluate_loss(p, val_rows, fn, tc.eval_batch_size)
         outs = generate(p, cfg, tok, prompts, max_new_tokens=ev.max_new_tokens,
                         materialize=materialize) if prompts else []

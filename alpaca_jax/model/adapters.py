@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from alpaca_jax.model.params import LAYER_KERNELS
+
 ADAPTERS = "lora"            # the key under params['layers']
 RNG = "rng"                  # per-block dropout key that `forward(rng=...)` puts in each block
 ADAPTER_WEIGHTS = ("a", "b", "m")   # trainable; 'scale' and 'dropout' are fixed settings
-_KERNELS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # fold-in index per target
 
 
 def _matmul(x, w):
@@ -62,12 +63,17 @@ def _col_norm(w_eff):
     return jax.lax.stop_gradient(n)
 
 
+def _lora_weight(w, ad):
+    """`W + scale * a @ b` in float32, any leading axes."""
+    a, b = ad["a"].astype(jnp.float32), ad["b"].astype(jnp.float32)
+    scale = jnp.asarray(ad["scale"], jnp.float32)[..., None, None]
+    return w.astype(jnp.float32) + scale * jnp.einsum("...ir,...ro->...io", a, b)
+
+
 def effective_weight(w: jax.Array, ad: dict) -> jax.Array:
     """`W + scale * a @ b` (LoRA) or `m * (W + scale * a @ b) / ||.||_col` (DoRA), any leading
     axes (one layer or the stacked `[L, ...]`), computed in float32, returned in `w`'s dtype."""
-    a, b = ad["a"].astype(jnp.float32), ad["b"].astype(jnp.float32)
-    scale = jnp.asarray(ad["scale"], jnp.float32)[..., None, None]
-    w_eff = w.astype(jnp.float32) + scale * jnp.einsum("...ir,...ro->...io", a, b)
+    w_eff = _lora_weight(w, ad)
     if "m" in ad:
         w_eff = w_eff * (ad["m"].astype(jnp.float32) / _col_norm(w_eff))[..., None, :]
     return w_eff.astype(w.dtype)
@@ -85,9 +91,10 @@ def _lowrank_fwd(x, a, b):
 
 def _lowrank_bwd(res, g):
     x, a, b, xa = res
-    # Without the barrier XLA:CPU fuses the cotangent's elementwise producer into the skinny
-    # weight-gradient dots and runs them ~20x slower (measured: LoRA step 0.92 -> see
-    # benchmarks/bench_train.py); the products themselves are the ones autodiff would form.
+    # The products autodiff would form, but written out: left to autodiff (on 3-D operands)
+    # XLA:CPU fused the cotangent's elementwise producer into these skinny weight-gradient dots
+    # and ran them far slower (RESULTS.md, "Train step"). The barrier was part of the measured
+    # version; alone it makes little difference.
     g = jax.lax.optimization_barrier(g)
     g_xa = g @ b.T
     return g_xa @ a.T, x.T @ g_xa, xa.T @ g
@@ -97,7 +104,7 @@ _lowrank_2d.defvjp(_lowrank_fwd, _lowrank_bwd)
 
 
 def _lowrank(x, a, b):
-    """`x @ a @ b` over flattened tokens (2-D dots: the 3-D form is ~3x slower on XLA:CPU)."""
+    """`x @ a @ b` over flattened tokens (2-D dots: the 3-D form was slower on XLA:CPU)."""
     lead = x.shape[:-1]
     y = _lowrank_2d(x.reshape(-1, x.shape[-1]), a.astype(x.dtype), b.astype(x.dtype))
     return y.reshape(*lead, b.shape[-1])
@@ -105,11 +112,11 @@ def _lowrank(x, a, b):
 
 def _dropout(x, rate, key):
     """Inverted dropout as torch's: zero with probability `rate`, scale the rest by 1/(1-rate).
-    The mask compares raw 32-bit draws with `rate * 2^32` (half the cost of `bernoulli`'s float
-    conversion on CPU, same distribution to 2^-32), and a rate of 0 draws nothing."""
+    The mask compares raw 32-bit draws with `rate * 2^32` (cheaper on CPU than `bernoulli`'s
+    float conversion, same distribution to 2^-32), and a rate of 0 draws nothing."""
     def drop(x):
         threshold = (jnp.asarray(rate, jnp.float32) * 4294967296.0).astype(jnp.uint32)
-        # the non-partitionable threefry layout draws 2.4x faster on CPU; the masks are ours
+        # the non-partitionable threefry layout draws faster on CPU; the masks are ours
         # alone (keyed by step), so the layout only has to be fixed, not JAX's default
         with jax.threefry_partitionable(False):
             keep = jax.random.bits(key, x.shape, jnp.uint32) >= threshold
@@ -135,15 +142,13 @@ class Adapted(Transform):
             return _matmul(x, w)
         xd = x
         if RNG in tree:
-            key = jax.random.fold_in(tree[RNG], _KERNELS.index(name) if name in _KERNELS else 99)
+            key = jax.random.fold_in(tree[RNG], LAYER_KERNELS.index(name))
             xd = _dropout(x, ad["dropout"], key)
         base = _matmul(x, w)
         low = _lowrank(xd, ad["a"], ad["b"]) * ad["scale"].astype(x.dtype)
         if "m" not in ad:
             return base + low
-        w_eff = w.astype(jnp.float32) + ad["scale"] * jnp.einsum(
-            "ir,ro->io", ad["a"].astype(jnp.float32), ad["b"].astype(jnp.float32))
-        g = (ad["m"].astype(jnp.float32) / _col_norm(w_eff)).astype(x.dtype)
+        g = (ad["m"].astype(jnp.float32) / _col_norm(_lora_weight(w, ad))).astype(x.dtype)
         if xd is x:
             return g * (base + low)
         # PEFT with dropout: x @ W + (g - 1) * (dropout(x) @ W) + g * lora(dropout(x))

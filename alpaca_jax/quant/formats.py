@@ -61,9 +61,9 @@ def roundf(x):
 
 def _div(a, c):
     """`a / c` correctly rounded for a literal `c`. XLA rewrites a division by a constant as a
-    multiplication by its reciprocal (1 ulp off for ~60% of blocks, measured for c = 15); a
-    full-shape divisor tied to `a` by a barrier hides the constant from that rewrite (measured;
-    a barrier on the scalar alone does not)."""
+    multiplication by its reciprocal (1 ulp off for many blocks); a full-shape divisor tied to
+    `a` by a barrier hides the constant from that rewrite (a barrier on the scalar alone does
+    not). `tests/test_quant.py` fails without it."""
     a, c = jax.lax.optimization_barrier((a, jnp.full_like(a, c)))
     return a / c
 
@@ -73,8 +73,8 @@ def _trunc_add(p, offset: float):
     compute it: the product `p` rounded to float32 first, then the sum rounded to float32.
 
     XLA:CPU always lets LLVM contract `x * inv + offset` into a fused multiply-add, which skips
-    the first rounding and moves codes across a boundary (measured on SmolLM2's weights: 7 of
-    27,648 Q4_0 blocks of one tensor), and optimization barriers are stripped before codegen. So
+    the first rounding and moves codes across a boundary (seen on SmolLM2's real weights;
+    `tests/test_smollm2.py` checks them), and optimization barriers are stripped before codegen. So
     the sum is done in integers: `p * 2^26` is an exact integer whenever |p| >= 1/8 (a float32
     has 24 significant bits and |p| < 32), and float32 rounding of the sum (to nearest, ties to
     even) is applied to that integer. For |p| < 1/8 the result is `floor(offset)` outright."""

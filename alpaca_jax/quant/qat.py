@@ -61,12 +61,14 @@ def _shape_cfg(params: dict, cfg):
                            intermediate_size=lay["w_down"].shape[1])
 
 
-def _leaf_names(formats: dict):
-    for key, fmt in formats.items():
+def _quantized_leaves(params: dict, spec: QuantSpec, cfg):
+    """(key, weight, format) for every weight the spec quantizes (`layers/<kernel>`, `embed`,
+    `lm_head`)."""
+    for key, fmt in resolve(spec, _shape_cfg(params, cfg)).items():
         if key.startswith("layers/"):
-            yield key, ("layers", key.split("/", 1)[1]), fmt
+            yield key, params["layers"][key.split("/", 1)[1]], fmt
         else:
-            yield key, (key,), fmt
+            yield key, params[key], fmt
 
 
 def ptq(params: dict, spec: QuantSpec, cfg: ModelConfig | None = None) -> dict:
@@ -74,13 +76,12 @@ def ptq(params: dict, spec: QuantSpec, cfg: ModelConfig | None = None) -> dict:
     replaced by its dequantized value (the float model llama.cpp runs, up to activations)."""
     params = merge(params)
     out = {**params, "layers": dict(params["layers"])}
-    for key, path, fmt in _leaf_names(resolve(spec, _shape_cfg(params, cfg))):
-        axis = -1 if key == "embed" else -2
-        fq = jax.jit(lambda w, fmt=fmt, axis=axis: fake_quant(w, fmt, axis=axis))
-        if len(path) == 2:
-            out["layers"][path[1]] = fq(params["layers"][path[1]])
+    for key, w, fmt in _quantized_leaves(params, spec, cfg):
+        deq = jax.jit(lambda w: fake_quant(w, fmt, axis=block_axis(key)))(w)
+        if key.startswith("layers/"):
+            out["layers"][key.split("/", 1)[1]] = deq
         else:
-            out[path[0]] = fq(params[path[0]])
+            out[key] = deq
     return out
 
 
@@ -90,9 +91,5 @@ def quantize_params(params: dict, spec: QuantSpec,
     the contracted axis, laid out as ggml rows: layer kernels `[L, out, n_blocks, 32]`, the
     embedding `[V, n_blocks, 32]`, the head `[V, n_blocks, 32]`; scales `[..., n_blocks]`."""
     params = merge(params)
-    out = {}
-    for key, path, fmt in _leaf_names(resolve(spec, _shape_cfg(params, cfg))):
-        w = params["layers"][path[1]] if len(path) == 2 else params[path[0]]
-        axis = -1 if key == "embed" else -2
-        out[key] = jax.jit(lambda w, fmt=fmt, axis=axis: quantize(w, fmt, axis=axis))(w)
-    return out
+    return {key: jax.jit(lambda w: quantize(w, fmt, axis=block_axis(key)))(w)
+            for key, w, fmt in _quantized_leaves(params, spec, cfg)}

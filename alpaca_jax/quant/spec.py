@@ -49,10 +49,11 @@ def resolve(spec: QuantSpec, cfg: ModelConfig) -> dict[str, str]:
             return None
         return parse_format(choice).name
 
-    head_default = w if (w == "q8_0" or not ggml) else "q8_0"
-    embed_default = head_default if cfg.tie_embeddings else w
-    if not ggml:
-        embed_default = head_default = None  # generic formats: block linears only by default
+    if ggml:  # llama.cpp: the head (a tied embedding included) in Q8_0, the embedding in w
+        head_default = "q8_0"
+        embed_default = head_default if cfg.tie_embeddings else w
+    else:     # generic formats: block linears only by default
+        embed_default = head_default = None
     e = pick(spec.embed, embed_default)
     if e:
         out["embed"] = e
