@@ -86,12 +86,33 @@ class QuantCfg:
 
 
 @dataclass
+class PruneCfg:
+    """Group `prune`: score blocks on calibration data, remove the least important, then (heal)
+    fine-tune as the finetune job does; Shortened LLaMA heals with LoRA r8 (`peft=lora_r8`)."""
+    criterion: str = "none"          # none | ppl | taylor | taylor+ | magnitude | bi | random
+    n_blocks: int | None = None      # exactly one of n_blocks and ratio
+    ratio: float | None = None       # of the blocks: the largest n with n / L <= ratio
+    keep_first: int | None = None    # blocks never removed; None: the paper's default
+    keep_last: int | None = None     # (taylor+: first 4 and last 2; other criteria: none)
+    iterative: bool = False          # ppl only: re-score after each removal
+    # a built-in corpus name, text file or hub dataset (sampled as the paper does), or an [N, T]
+    # .npy file of token ids; c4 keeps calibration apart from the wiki evaluation text
+    calib: str = "c4"
+    calib_samples: int = 10
+    calib_len: int = 128
+    seed: int = 1234                 # calibration sampling (the authors' seed) and `random`
+    batch_size: int | None = None    # calibration rows per scoring pass; None: all at once
+    heal: bool = True                # false: evaluate the pruned model without training
+
+
+@dataclass
 class FinetuneJob:
     model: ModelSourceCfg = field(default_factory=ModelSourceCfg)
     data: DataCfg = field(default_factory=DataCfg)
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: PeftCfg = field(default_factory=PeftCfg)
     quant: QuantCfg = field(default_factory=QuantCfg)
+    prune: PruneCfg = field(default_factory=PruneCfg)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: FinetuneEvalCfg = field(default_factory=FinetuneEvalCfg)
     mesh_fsdp: int = 1               # devices per fsdp group; data parallel over the rest

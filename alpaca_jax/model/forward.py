@@ -52,7 +52,7 @@ def _attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, cfg: ModelConfig):
     return out.reshape(B, T, H * K)
 
 
-def _block(h, lp, cos, sin, kv_BxSxGxK, write_at, mask_BxTxS, cfg, materialize):
+def block(h, lp, cos, sin, kv_BxSxGxK, write_at, mask_BxTxS, cfg, materialize):
     """One pre-norm decoder block. With a cache, the new k/v are written at `write_at` first."""
     B, T, _ = h.shape
     x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
@@ -73,6 +73,28 @@ def _block(h, lp, cos, sin, kv_BxSxGxK, write_at, mask_BxTxS, cfg, materialize):
     up = linear(x, lp, "w_up", materialize)
     h = h + linear(jax.nn.silu(gate) * up, lp, "w_down", materialize)
     return h, k_all, v_all
+
+
+def causal_inputs(B: int, T: int, positions=None, segment_ids=None):
+    """RoPE positions `[B, T]` and the causal (optionally per-segment) mask `[B, T, T]` of a
+    pass without a cache."""
+    t_idx = jnp.arange(T)
+    if positions is None:
+        positions = jnp.broadcast_to(t_idx, (B, T))
+    mask = jnp.broadcast_to(t_idx[None, :] <= t_idx[:, None], (B, T, T))
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return positions, mask
+
+
+def logits_of(params, h, cfg: ModelConfig, materialize: Materialize = adapted) -> jax.Array:
+    """Final norm and LM head on the residual stream `h` `[B, T, D]`: float32 logits."""
+    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    if cfg.tie_embeddings:
+        logits = jnp.einsum("btd,vd->btv", h, materialize(params, "embed").astype(h.dtype))
+    else:
+        logits = linear(h, params, "lm_head", materialize)
+    return logits.astype(jnp.float32)
 
 
 def forward(params: dict, tokens_BxT: jax.Array, cfg: ModelConfig, *, positions=None,
@@ -98,11 +120,7 @@ def forward(params: dict, tokens_BxT: jax.Array, cfg: ModelConfig, *, positions=
 
     t_idx = jnp.arange(T)
     if cache is None:
-        if positions is None:
-            positions = jnp.broadcast_to(t_idx, (B, T))
-        mask = jnp.broadcast_to(t_idx[None, :] <= t_idx[:, None], (B, T, T))
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        positions, mask = causal_inputs(B, T, positions, segment_ids)
         write_at = None
     else:
         if segment_ids is not None:
@@ -126,7 +144,7 @@ def forward(params: dict, tokens_BxT: jax.Array, cfg: ModelConfig, *, positions=
         if rng is not None:
             lp = {**lp, RNG: jax.random.fold_in(rng, i)}
         kv = None if kc is None else (kc[i], vc[i])
-        h_new, k_all, v_all = _block(h, lp, cos, sin, kv, write_at, mask, cfg, materialize)
+        h_new, k_all, v_all = block(h, lp, cos, sin, kv, write_at, mask, cfg, materialize)
         h = jnp.where(keep_i, h_new, h)
         if kc is not None:
             kc = jax.lax.dynamic_update_index_in_dim(kc, k_all, i, 0)
@@ -138,15 +156,11 @@ def forward(params: dict, tokens_BxT: jax.Array, cfg: ModelConfig, *, positions=
     kc, vc = (None, None) if cache is None else (cache["k"], cache["v"])
     (h, kc, vc), _ = jax.lax.scan(body, (h, kc, vc), (params["layers"], keep, jnp.arange(L)))
 
-    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-    if cfg.tie_embeddings:
-        logits = jnp.einsum("btd,vd->btv", h, materialize(params, "embed").astype(h.dtype))
-    else:
-        logits = linear(h, params, "lm_head", materialize)
+    logits = logits_of(params, h, cfg, materialize)
     new_cache = None
     if cache is not None:
         new_cache = {"k": kc, "v": vc, "end": cache["end"] + T, "start": cache["start"]}
-    return logits.astype(jnp.float32), new_cache
+    return logits, new_cache
 
 
 def make_cache(cfg: ModelConfig, batch: int, max_len: int, start=None, dtype=None) -> dict:
