@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-test run finetune test bench clean
+.PHONY: setup setup-test run finetune prune test bench clean
 
 $(VENV)/.core: pyproject.toml requirements/assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ run: setup
 
 finetune: setup
 	$(PY) experiments/finetune.py $(ARGS)
+
+prune: setup
+	$(PY) experiments/prune.py $(ARGS)
 
 test: setup-test
 	$(PY) -m pytest $(ARGS)
