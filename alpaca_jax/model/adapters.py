@@ -50,6 +50,10 @@ class Transform:
     def linear(self, x: jax.Array, tree: dict, name: str) -> jax.Array:
         return _matmul(x, self.weight(tree, name))
 
+    def tied_head(self, h: jax.Array, params: dict) -> jax.Array:
+        """Logits through the tied embedding `[V, D]` (the head of tied models)."""
+        return jnp.einsum("...d,vd->...v", h, self.weight(params, "embed").astype(h.dtype))
+
 
 def adapter_of(tree: dict, name: str) -> dict | None:
     group = tree.get(ADAPTERS) if isinstance(tree, dict) else None

@@ -90,7 +90,9 @@ def causal_inputs(B: int, T: int, positions=None, segment_ids=None):
 def logits_of(params, h, cfg: ModelConfig, materialize: Materialize = adapted) -> jax.Array:
     """Final norm and LM head on the residual stream `h` `[B, T, D]`: float32 logits."""
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and isinstance(materialize, Transform):
+        logits = materialize.tied_head(h, params)
+    elif cfg.tie_embeddings:
         logits = jnp.einsum("btd,vd->btv", h, materialize(params, "embed").astype(h.dtype))
     else:
         logits = linear(h, params, "lm_head", materialize)

@@ -49,6 +49,11 @@ class FakeQuant(Transform):
         w = self.weight(tree, name)
         return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
 
+    def tied_head(self, h, params):
+        if self.activations and self._fmt(params, "embed") is not None:
+            h = fake_quant_activations(h)   # llama.cpp quantizes the head's input too
+        return super().tied_head(h, params)
+
 
 def _shape_cfg(params: dict, cfg):
     """What `resolve` needs, read from the params when no ModelConfig is given."""
