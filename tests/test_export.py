@@ -155,3 +155,54 @@ def test_bad_input_is_refused_and_leaves_no_file(tiny, tmp_path):
     finally:
         mod._write_tensors = orig
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_sentencepiece_vocabulary_is_embedded(tmp_path):
+    """A SentencePiece model (Mistral's 32k vocabulary) as a `llama` GGUF vocabulary: llama.cpp
+    tokenizes as sentencepiece does, and the file loads back with the same tokenizer."""
+    from test_tokenizers import TEXTS, _mistral_model_bytes
+
+    from alpaca_jax import init_params
+    from alpaca_jax.config import ModelConfig
+    from alpaca_jax.tokenizer import SentencePieceTokenizer
+
+    tok = SentencePieceTokenizer(_mistral_model_bytes(), chat_template="{{ messages }}")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96,
+                      num_layers=2, num_heads=4, num_kv_heads=2, bos_token_id=tok.bos_id,
+                      eos_token_ids=(tok.eos_id,))
+    params = init_params(cfg, jax.random.PRNGKey(0), std=0.2)
+    out = to_gguf(params, cfg, tok, tmp_path / "spm.gguf", qtype="F32")
+    llm = _llama(out)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
+            tok.encode(text, bos=False, parse_special=False), text
+    _, cfg2, back = load_gguf(out)
+    assert back.encode(TEXTS[3]) == tok.encode(TEXTS[3]) and back.chat_template == "{{ messages }}"
+    assert (cfg2.bos_token_id, cfg2.num_layers) == (tok.bos_id, 2)
+    ids = tok.encode(TEXTS[0] + " " + TEXTS[2])
+    llm.eval(ids)
+    _assert_close(np.asarray(llm.scores[:len(ids)], np.float32),
+                  np.asarray(forward(params, np.array([ids]), cfg)[0][0]))
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16}])
+def test_rope_scaling_survives_export(tiny, tmp_path, scaling):
+    """Linear scaling as metadata, llama3 scaling as llama.cpp's `rope_freqs.weight` divisors:
+    llama.cpp reproduces the scaled model's logits over positions where scaling matters."""
+    from hf_reference import to_jax
+
+    tok = tiny[2]
+    model = tiny_hf_model(seed=7, vocab=len(tiny_bpe_vocab()[0]), layers=2, hidden=64, heads=4,
+                          kv_heads=2, inter=96, max_pos=256, rope_theta=500000.0,
+                          rope_scaling=scaling)
+    params, cfg = to_jax(model)
+    assert cfg.rope_scaling is not None
+    out = to_gguf(params, cfg, tok, tmp_path / "scaled.gguf", qtype="F32")
+    ids = list(np.random.default_rng(3).integers(3, cfg.vocab_size, 60))
+    llm = _llama(out)
+    llm.eval(ids)
+    _assert_close(np.asarray(llm.scores[:60], np.float32),
+                  np.asarray(forward(params, np.array([ids]), cfg)[0][0]))
