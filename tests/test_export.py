@@ -12,6 +12,7 @@ from alpaca_jax.peft import add_lora
 from alpaca_jax.prune import drop_layers
 from gguf_reference import tiny_bpe_vocab, write_tiny_gguf
 from hf_reference import tiny_hf_model
+from test_forward_parity import assert_close_logits
 
 F32_TYPE = 0   # GGML_TYPE_F32, for an unrounded KV cache
 
@@ -32,11 +33,6 @@ def _llama(path, n_ctx=64):
                  type_k=F32_TYPE, type_v=F32_TYPE, verbose=False)
 
 
-def _assert_close(got, ref):
-    scale = max(1.0, float(np.abs(ref).max()))
-    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * scale)
-
-
 def test_f32_file_runs_in_llama_cpp_with_the_jax_logits(tiny, tmp_path):
     params, cfg, tok = tiny
     out = to_gguf(params, cfg, tok, tmp_path / "m.gguf", qtype="F32")
@@ -46,7 +42,7 @@ def test_f32_file_runs_in_llama_cpp_with_the_jax_logits(tiny, tmp_path):
     llm.eval(ids[:12])                       # a prompt in one pass ...
     for t in ids[12:]:                       # ... then one-token decode steps through the cache
         llm.eval([t])
-    _assert_close(np.asarray(llm.scores[:20], np.float32), ref)
+    assert_close_logits(np.asarray(llm.scores[:20], np.float32), ref)
     text = "Hello there, the hell of it: 42 tokens!"
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
         tok.encode(text, bos=False, parse_special=False)
@@ -64,7 +60,7 @@ def test_pruned_model_with_adapters_is_merged_and_renumbered(tiny, tmp_path):
     ids = list(np.random.default_rng(1).integers(3, c.vocab_size, 16))
     llm = _llama(out)
     llm.eval(ids)
-    _assert_close(np.asarray(llm.scores[:16], np.float32),
+    assert_close_logits(np.asarray(llm.scores[:16], np.float32),
                   np.asarray(forward(p, np.array([ids]), c)[0][0]))
 
 
@@ -121,7 +117,7 @@ def test_quantized_logits_equal_fake_quant_with_llama_cpp_activation_rounding(ti
     ref = np.asarray(llm.scores[:24], np.float64)
     emulated = FakeQuant.from_spec(QuantSpec(qtype.lower(), activations=True), cfg)
     got = np.asarray(forward(params, np.array([ids]), cfg, materialize=emulated)[0][0])
-    _assert_close(got, ref)
+    assert_close_logits(got, ref)
     weights_only = FakeQuant.from_spec(QuantSpec(qtype.lower()), cfg)
     kl = _kl(ref, np.asarray(forward(params, np.array([ids]), cfg,
                                      materialize=weights_only)[0][0], np.float64))
@@ -181,7 +177,7 @@ def test_sentencepiece_vocabulary_is_embedded(tmp_path):
     assert (cfg2.bos_token_id, cfg2.num_layers) == (tok.bos_id, 2)
     ids = tok.encode(TEXTS[0] + " " + TEXTS[2])
     llm.eval(ids)
-    _assert_close(np.asarray(llm.scores[:len(ids)], np.float32),
+    assert_close_logits(np.asarray(llm.scores[:len(ids)], np.float32),
                   np.asarray(forward(params, np.array([ids]), cfg)[0][0]))
 
 
@@ -204,5 +200,5 @@ def test_rope_scaling_survives_export(tiny, tmp_path, scaling):
     ids = list(np.random.default_rng(3).integers(3, cfg.vocab_size, 60))
     llm = _llama(out)
     llm.eval(ids)
-    _assert_close(np.asarray(llm.scores[:60], np.float32),
+    assert_close_logits(np.asarray(llm.scores[:60], np.float32),
                   np.asarray(forward(params, np.array([ids]), cfg)[0][0]))

@@ -17,15 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from alpaca_jax.model.adapters import adapted
-from alpaca_jax.model.forward import forward
+from alpaca_jax.model.forward import forward, next_token_nll
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "materialize"))
 def _window_nll(params, tokens_BxT, score_BxT, *, cfg, materialize):
     logits, _ = forward(params, tokens_BxT, cfg, materialize=materialize)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(nll * score_BxT[:, 1:])
+    return jnp.sum(next_token_nll(logits, tokens_BxT) * score_BxT[:, 1:])
 
 
 def _windows(n_tokens: int, ctx_len: int, stride: int):

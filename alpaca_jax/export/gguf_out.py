@@ -24,14 +24,14 @@ QTYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
 def _check_destination(path: Path) -> None:
     if path.is_dir():
         raise IsADirectoryError(f"{path}: is a directory; give a .gguf file path")
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent
     if not parent.is_dir():
         raise FileNotFoundError(f"{path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"{path}: directory {parent} is not writable")
 
 
-def _tensor_plan(params, cfg: ModelConfig, qtype: str) -> dict:
+def _tensor_plan(cfg: ModelConfig, qtype: str) -> dict:
     """{our key: GGML type name} for every 2-D weight; norms are always F32."""
     keys = ["embed"] + [f"layers/{k}" for k in LAYER_KERNELS]
     if not cfg.tie_embeddings:
@@ -62,7 +62,7 @@ def to_gguf(params: dict, cfg: ModelConfig, tokenizer, path, qtype: str = "Q8_0"
     path = Path(path)
     _check_destination(path)
     tok_kv = tokenizer_kv(tokenizer, cfg)          # a tokenizer that cannot be embedded fails here
-    plan = _tensor_plan(params, cfg, qtype)        # shapes the qtype cannot take fail here
+    plan = _tensor_plan(cfg, qtype)                # shapes the qtype cannot take fail here
     params = merge(params)
     quantized = _quantized_bytes(params, cfg, qtype)
 

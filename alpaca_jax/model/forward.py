@@ -87,6 +87,18 @@ def causal_inputs(B: int, T: int, positions=None, segment_ids=None):
     return positions, mask
 
 
+def embed_tokens(params, tokens_BxT, cfg: ModelConfig,
+                 materialize: Materialize = adapted) -> jax.Array:
+    """The residual stream entering block 0: embedding rows in the compute dtype."""
+    return jnp.take(materialize(params, "embed"), tokens_BxT, axis=0).astype(cfg.compute_dtype)
+
+
+def next_token_nll(logits_BxTxV, tokens_BxT) -> jax.Array:
+    """`[B, T-1]`: -log p(token t+1 | tokens <= t) from logits of a pass over `tokens`."""
+    logp = jax.nn.log_softmax(logits_BxTxV[:, :-1], axis=-1)
+    return -jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+
+
 def logits_of(params, h, cfg: ModelConfig, materialize: Materialize = adapted) -> jax.Array:
     """Final norm and LM head on the residual stream `h` `[B, T, D]`: float32 logits."""
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
@@ -117,8 +129,7 @@ def forward(params: dict, tokens_BxT: jax.Array, cfg: ModelConfig, *, positions=
     """
     B, T = tokens_BxT.shape
     L = cfg.num_layers
-    cdt = jnp.dtype(cfg.compute_dtype)
-    h = jnp.take(materialize(params, "embed"), tokens_BxT, axis=0).astype(cdt)
+    h = embed_tokens(params, tokens_BxT, cfg, materialize)
 
     t_idx = jnp.arange(T)
     if cache is None:

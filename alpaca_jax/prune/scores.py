@@ -27,7 +27,8 @@ import numpy as np
 
 from alpaca_jax.config import ModelConfig
 from alpaca_jax.model.adapters import adapted
-from alpaca_jax.model.forward import block, causal_inputs, forward, logits_of
+from alpaca_jax.model.forward import (block, causal_inputs, embed_tokens, forward, logits_of,
+                                      next_token_nll)
 from alpaca_jax.model.params import LAYER_KERNELS, LAYER_NORMS
 from alpaca_jax.model.rope import inv_frequencies, rope_cos_sin
 from alpaca_jax.prune.calibration import check_calibration
@@ -45,10 +46,6 @@ def canonical_criterion(name: str) -> str:
     return name
 
 
-def _embed(params, tokens, cfg, materialize):
-    return jnp.take(materialize(params, "embed"), tokens, axis=0).astype(cfg.compute_dtype)
-
-
 def _block_fn(tokens, cfg, materialize):
     B, T = tokens.shape
     positions, mask = causal_inputs(B, T)
@@ -57,9 +54,7 @@ def _block_fn(tokens, cfg, materialize):
 
 
 def _nll_sum(params, h, tokens, cfg, materialize):
-    logits = logits_of(params, h, cfg, materialize)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    return -jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    return jnp.sum(next_token_nll(logits_of(params, h, cfg, materialize), tokens))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "materialize"))
@@ -67,7 +62,7 @@ def _stream(params, tokens, keep, *, cfg, materialize):
     """The residual stream entering every block and leaving the last `[L+1, B, T, D]`, and the
     NLL sum of the model with `keep`'s blocks."""
     run_block = _block_fn(tokens, cfg, materialize)
-    h0 = _embed(params, tokens, cfg, materialize)
+    h0 = embed_tokens(params, tokens, cfg, materialize)
     L = cfg.num_layers
 
     def body(j, carry):   # a fori_loop, not a scan: XLA:GPU autotunes a scan's body for ~45 s
@@ -114,24 +109,24 @@ def removal_ppl(params, cfg: ModelConfig, calib_ids, keep=None, candidates=None,
     batches = _batches(calib_ids, batch_size)
     n_tok = calib_ids.shape[0] * (calib_ids.shape[1] - 1)
     keep_j = jnp.asarray(keep)
+    suffixes = {}   # block i skipped: the kept blocks after it start from its recorded input
+    for i in candidates:
+        after = [j for j in range(i + 1, L) if keep[j]]
+        suffixes[i] = (jnp.asarray(after + [0] * (L - len(after)), jnp.int32),
+                       jnp.int32(len(after)))
     base, totals = 0.0, {i: 0.0 for i in candidates}
     for toks in batches:
         hs, nll = _stream(params, toks, keep_j, cfg=cfg, materialize=materialize)
         base += float(nll)
-        for i in candidates:   # block i skipped: the kept blocks after it start from its input
-            after = [j for j in range(i + 1, L) if keep[j]]
-            blocks = np.zeros(L, np.int32)
-            blocks[:len(after)] = after
-            totals[i] += float(_suffix_nll(params, hs[i], toks, jnp.asarray(blocks),
-                                           jnp.int32(len(after)), cfg=cfg,
+        for i, (blocks, count) in suffixes.items():
+            totals[i] += float(_suffix_nll(params, hs[i], toks, blocks, count, cfg=cfg,
                                            materialize=materialize))
     return float(np.exp(base / n_tok)), {i: float(np.exp(t / n_tok)) for i, t in totals.items()}
 
 
 def _mean_ce(layers, params, tokens, cfg, materialize):
     logits, _ = forward({**params, "layers": layers}, tokens, cfg, materialize=materialize)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    return jnp.mean(next_token_nll(logits, tokens))
 
 
 _ce_grad = jax.jit(jax.grad(_mean_ce), static_argnames=("cfg", "materialize"))

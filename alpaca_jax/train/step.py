@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import optax
 
 from alpaca_jax.model.adapters import adapted
-from alpaca_jax.model.forward import forward
+from alpaca_jax.model.forward import forward, next_token_nll
 from alpaca_jax.train.split import combine
 
 
@@ -17,8 +17,7 @@ def loss_sums(params, batch, cfg, materialize=adapted, rng=None):
     tokens, seg = batch["tokens"], batch["segment_ids"]
     logits, _ = forward(params, tokens, cfg, positions=batch["positions"], segment_ids=seg,
                         materialize=materialize, rng=rng)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    nll = next_token_nll(logits, tokens)
     mask = batch["loss_mask"][:, 1:] * (seg[:, 1:] == seg[:, :-1])
     return jnp.sum(nll * mask), jnp.sum(mask)
 

@@ -1,0 +1,95 @@
+"""GGUF export of a real model against llama.cpp: prints figures, asserts nothing.
+
+    python benchmarks/parity_export.py [--model smollm2-135m-instruct] [--tokens 512]
+
+1. F32 export run by llama.cpp (F32 KV cache) vs the JAX forward: max |logit diff|.
+2. Our Q8_0/Q4_0 files vs llama.cpp's own quantization (`llama_model_quantize`) of our F32
+   export: how many tensors differ in type or bytes.
+3. KL(llama.cpp || JAX) per position over wiki tokens for the Q8_0/Q4_0 files, against the JAX
+   fake-quant model with llama.cpp's activation rounding emulated, weights only, and float.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def _kl(p_logits, q_logits):
+    p = p_logits.astype(np.float64)
+    q = q_logits.astype(np.float64)
+    p = p - np.logaddexp.reduce(p, -1, keepdims=True)
+    q = q - np.logaddexp.reduce(q, -1, keepdims=True)
+    return (np.exp(p) * (p - q)).sum(-1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--tokens", type=int, default=512)
+    args = ap.parse_args()
+
+    import gguf
+    import llama_cpp
+
+    from alpaca_jax import forward, load_model
+    from alpaca_jax.data.corpora import load_documents
+    from alpaca_jax.eval.perplexity import perplexity_of_logits
+    from alpaca_jax.export import to_gguf
+    from alpaca_jax.provenance import git_sha
+    from alpaca_jax.quant import FakeQuant, QuantSpec
+
+    params, cfg, tok = load_model(args.model)
+    ids = tok.encode("\n\n".join(load_documents("wiki")[:40]), bos=False,
+                     parse_special=False)[: args.tokens]
+    n = len(ids)
+    print(f"model={args.model} commit={git_sha()} tokens={n} (wiki, no BOS, one window; "
+          f"llama.cpp with an F32 KV cache, 2 threads)")
+
+    def run_llama(path):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n, n_batch=n, logits_all=True,
+                              n_threads=2, type_k=0, type_v=0, verbose=False)
+        llm.eval(ids)
+        return np.asarray(llm.scores[:n], np.float32)
+
+    def jax_logits(materialize=None):
+        kw = {} if materialize is None else {"materialize": materialize}
+        return np.asarray(forward(params, np.array([ids]), cfg, **kw)[0][0])
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        f32 = to_gguf(params, cfg, tok, d / "f32.gguf", "F32")
+        ref, fl = run_llama(f32), jax_logits()
+        print(f"F32: max |logit diff| {np.abs(ref - fl).max():.3g} on a logit scale of "
+              f"{np.abs(fl).max():.1f}")
+        for qtype in ("Q8_0", "Q4_0"):
+            ours = to_gguf(params, cfg, tok, d / f"{qtype}.gguf", qtype)
+            theirs = d / f"{qtype}-llama.gguf"
+            qp = llama_cpp.llama_model_quantize_default_params()
+            qp.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
+            assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(),
+                                                  qp) == 0
+            a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+            b = {t.name: t for t in gguf.GGUFReader(str(theirs)).tensors}
+            differ = [k for k in a if a[k].tensor_type != b[k].tensor_type
+                      or not np.array_equal(np.asarray(a[k].data), np.asarray(b[k].data))]
+            print(f"{qtype}: {len(differ)} of {len(a)} tensors differ from llama.cpp's own "
+                  f"{qtype} quantization of the F32 export {differ[:3]}")
+            ref = run_llama(ours)
+            for name, m in (("emulated activations", FakeQuant.from_spec(
+                    QuantSpec(qtype.lower(), activations=True), cfg)),
+                            ("weights only", FakeQuant.from_spec(QuantSpec(qtype.lower()), cfg)),
+                            ("float", None)):
+                x = jax_logits(m)
+                k = _kl(ref, x)
+                print(f"  llama.cpp {qtype} vs JAX {name:21s}: mean KL {k.mean():.2e}, p99 "
+                      f"{np.percentile(k, 99):.2e}, max {k.max():.2e}; argmax agreement "
+                      f"{(ref.argmax(-1) == x.argmax(-1)).mean():.4f}; ppl llama.cpp "
+                      f"{perplexity_of_logits(ref, ids):.4f} JAX "
+                      f"{perplexity_of_logits(x, ids):.4f}")
+
+
+if __name__ == "__main__":
+    main()
