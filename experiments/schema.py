@@ -118,10 +118,40 @@ class FinetuneJob:
     mesh_fsdp: int = 1               # devices per fsdp group; data parallel over the rest
 
 
+@dataclass
+class ExportCfg:
+    """Group `export`: GGUF files of the model, checked against the JAX model and timed in
+    llama.cpp (the CPU int8 runtime)."""
+    qtypes: list[str] = field(default_factory=lambda: ["F16", "Q8_0", "Q4_0"])
+    parity_tokens: int = 256         # wiki tokens for logits parity (KL) vs JAX; 0 skips it
+    prompts: list[str] = field(default_factory=lambda: [
+        "What is the capital of France?", "Give three tips for staying healthy.",
+        "Translate 'good morning' into Spanish.", "What is 12 times 7?",
+        "Name a primary colour."])
+    max_new_tokens: int = 32         # greedy answers, llama.cpp vs JAX; no prompts skips it
+    bench: bool = True               # speed and memory in llama.cpp
+    threads: list[int] = field(default_factory=lambda: [1, 2])
+    prompt_tokens: int = 128
+    gen_tokens: int = 64
+    repeats: int = 5                 # medians of this many runs (after one warm-up)
+    jax_bench: bool = True           # the JAX fp32 model's greedy generation tokens/s beside
+
+
+@dataclass
+class ExportJob:
+    # a finished finetune/prune run: export its final model (recipe in its results.json);
+    # null: export model.source, optionally with drop_blocks removed (an unhealed pruned model)
+    run_dir: str | None = None
+    model: ModelSourceCfg = field(default_factory=ModelSourceCfg)
+    drop_blocks: list[int] = field(default_factory=list)
+    export: ExportCfg = field(default_factory=ExportCfg)
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="evaluate_schema", node=EvaluateJob)
     cs.store(name="finetune_schema", node=FinetuneJob)
+    cs.store(name="export_schema", node=ExportJob)
 
 
 def to_dataclass(cfg, cls):

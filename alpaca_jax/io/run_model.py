@@ -1,0 +1,93 @@
+"""A finished run's final model, rebuilt from its `results.json` recipe: the base model, the
+blocks it pruned removed, then its training applied (the PEFT adapter it wrote, or the best
+full fine-tuning checkpoint). Export and the ablation pipeline start from this.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class RunFormatError(ValueError):
+    """A run directory whose results.json is missing, malformed or incomplete."""
+
+
+def read_results(run_dir) -> dict:
+    """The parsed `results.json` of `run_dir`, with a clear error naming the file when it is
+    missing or is not the JSON object a run writes."""
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise RunFormatError(f"{path}: no such file (is {run_dir} a finished run directory?)")
+    try:
+        res = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunFormatError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(res, dict):
+        raise RunFormatError(f"{path}: expected a JSON object, got {type(res).__name__}")
+    return res
+
+
+def run_recipe(run_dir) -> dict:
+    """The `recipe` of a run's results.json, checked for the keys the rebuild needs."""
+    res = read_results(run_dir)
+    path = Path(run_dir) / "results.json"
+    recipe = res.get("recipe")
+    if not isinstance(recipe, dict):
+        raise RunFormatError(f"{path}: no 'recipe' object (stage {res.get('stage')!r}); only "
+                             f"finetune/prune runs record how to rebuild their model")
+    for key in ("base", "finetune"):
+        if key not in recipe:
+            raise RunFormatError(f"{path}: recipe has no {key!r}")
+    if recipe["finetune"] not in ("none", "full", "lora", "dora"):
+        raise RunFormatError(f"{path}: recipe.finetune={recipe['finetune']!r} is not one of "
+                             f"none, full, lora, dora")
+    prune = recipe.get("prune")
+    if prune is not None and not (isinstance(prune, dict) and isinstance(prune.get("pruned"), list)
+                                  and all(isinstance(i, int) for i in prune["pruned"])):
+        raise RunFormatError(f"{path}: recipe.prune has no list of removed blocks 'pruned'")
+    return recipe
+
+
+def _adapter_dir(run_dir: Path, recipe: dict) -> Path:
+    recorded = recipe.get("adapter_dir")
+    for cand in ([Path(recorded)] if recorded else []) + [run_dir / "adapter"]:
+        if cand.is_dir():
+            return cand   # the recorded path, or the run's own copy when the run dir moved
+    raise RunFormatError(f"{run_dir}: recipe.finetune={recipe['finetune']!r} but no adapter "
+                         f"directory ({recorded} nor {run_dir / 'adapter'})")
+
+
+def _restore_full(params: dict, run_dir: Path) -> dict:
+    """The best-validation checkpoint of a full fine-tuning run (the latest when it kept none)."""
+    from alpaca_jax.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
+    try:
+        got = ckpt.restore_best({"trainable": params})
+        if got is None:
+            got = ckpt.restore_latest(None)   # as saved; only "trainable" is used
+    finally:
+        ckpt.close()
+    if got is None:
+        raise RunFormatError(f"{run_dir}: recipe.finetune='full' but {run_dir / 'checkpoints'} "
+                             f"holds no checkpoint")
+    return got[1]["trainable"]
+
+
+def load_run_model(run_dir):
+    """`(params, cfg, tokenizer, recipe)` of the final model of a finetune/prune run. Adapters
+    are added, not merged (`to_gguf` and `peft.merge` merge)."""
+    from alpaca_jax.io.registry import load_model
+    from alpaca_jax.peft import load_peft
+    from alpaca_jax.prune import drop_layers
+
+    run_dir = Path(run_dir)
+    recipe = run_recipe(run_dir)
+    params, cfg, tok = load_model(recipe["base"])
+    if recipe.get("prune"):
+        params, cfg = drop_layers(params, cfg, recipe["prune"]["pruned"])
+    if recipe["finetune"] in ("lora", "dora"):
+        params = load_peft(params, cfg, _adapter_dir(run_dir, recipe))
+    elif recipe["finetune"] == "full":
+        params = _restore_full(params, run_dir)
+    return params, cfg, tok, recipe

@@ -1,0 +1,74 @@
+"""Read llama.cpp's intermediate tensors during an eval (ggml's scheduler eval callback, as
+llama.cpp's own `eval-callback` tool does), so a test can feed our quantized matmul exactly the
+input llama.cpp's matmul saw and compare the outputs.
+
+The ctypes layout is `struct ggml_tensor` of the ggml vendored by llama-cpp-python 0.3.36 (the
+pinned version); a layout change shows up as missing tensor names, which the tests check.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+
+class _GgmlTensor(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
+                ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int),
+                ("op_params", ctypes.c_int32 * 16), ("flags", ctypes.c_int32),
+                ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p),
+                ("name", ctypes.c_char * 64), ("extra", ctypes.c_void_p),
+                ("padding", ctypes.c_char * 8)]
+
+
+GGML_TYPE_F32 = 0
+GGML_OP_MUL_MAT = 29
+
+
+def _read_f32(t: _GgmlTensor) -> np.ndarray:
+    """A contiguous F32 tensor as numpy `[ne3, ne2, ne1, ne0]`, squeezed (a copy)."""
+    ne, nb = list(t.ne), list(t.nb)
+    if nb != [4, 4 * ne[0], 4 * ne[0] * ne[1], 4 * ne[0] * ne[1] * ne[2]]:
+        raise ValueError(f"{t.name.decode()}: not a contiguous tensor (nb={nb})")
+    n = ne[0] * ne[1] * ne[2] * ne[3]
+    flat = np.ctypeslib.as_array(ctypes.cast(t.data, ctypes.POINTER(ctypes.c_float)), (n,))
+    return np.array(flat).reshape(ne[::-1]).squeeze()
+
+
+def capture(model_path: str, ids: list[int], names: set[str], threads: int = 2) -> dict:
+    """Evaluate `ids` (one prompt pass, F32 KV cache) and return {name: array} for the F32
+    tensors whose ggml name is in `names`. For a name computed several times (`Qcur-0` is the
+    matmul, then a reshape, then RoPE) the first, which for `Qcur`/`Kcur`/`Vcur` is the
+    matmul's output."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
+
+    got: dict = {}
+
+    @lib.ggml_backend_sched_eval_callback
+    def callback(ptr, ask, _user):
+        t = ctypes.cast(ptr, ctypes.POINTER(_GgmlTensor)).contents
+        name = t.name.decode(errors="replace")
+        if ask:
+            return name in names
+        if name not in got and t.type == GGML_TYPE_F32 and t.data:
+            got[name] = _read_f32(t)
+        return True
+
+    default = lib.llama_context_default_params
+
+    def with_callback():
+        p = default()
+        p.cb_eval, p.cb_eval_user_data = callback, None
+        return p
+
+    lib.llama_context_default_params = with_callback   # Llama() reads it at construction
+    try:
+        llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=max(32, len(ids)),
+                              n_batch=len(ids), n_threads=threads, type_k=0, type_v=0,
+                              verbose=False)
+        llm.eval(list(ids))
+    finally:
+        lib.llama_context_default_params = default
+    return got
