@@ -1,0 +1,67 @@
+"""The edge benchmark: SmolLM2 and a 20%-pruned SmolLM2 as F16, Q8_0 and Q4_0 GGUFs in llama.cpp
+on this CPU, beside the JAX fp32 model. Prints figures; asserts nothing.
+
+    python benchmarks/bench_edge.py [--repeats 5] [--pruned-run RUN_DIR] [--out DIR]
+
+Per model and file: size; peak RSS of a process that loads and runs it; prompt and generation
+tokens/s at 1 and 2 threads (medians of --repeats after a warm-up; 128-token prompt, 64 greedy
+tokens); the memory-bandwidth bound (measured copy bandwidth / bytes a decode step reads) and
+the fraction of it reached; parity with the JAX model (mean KL over 256 wiki tokens, greedy
+answers to five prompts identical); and the JAX fp32 model's greedy generation tokens/s.
+
+The pruned model is SmolLM2 without the six blocks the PPL criterion removes at 20%
+(3 5 12 13 14 17, RESULTS.md), unhealed (speed and memory do not depend on the weights' values),
+or the final model of a prune run with --pruned-run. Each model goes through the export entry
+point (`experiments/export.py`), so these are the figures that command writes to results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PPL_20PCT = [3, 5, 12, 13, 14, 17]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--pruned-run", default=None, help="a prune run dir (its healed model)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=None, help="keep the GGUFs and results.json here")
+    args = ap.parse_args()
+
+    from experiments.export import run, table
+    from experiments.schema import ExportCfg, ExportJob, ModelSourceCfg
+    from alpaca_jax.provenance import git_sha, machine
+
+    m = machine()
+    print(f"commit={git_sha()} machine={m}")
+    jobs = {"SmolLM2-135M-Instruct": ExportJob(model=ModelSourceCfg(args.model)),
+            "20%-pruned (24 blocks)": (
+                ExportJob(run_dir=args.pruned_run) if args.pruned_run else
+                ExportJob(model=ModelSourceCfg(args.model), drop_blocks=PPL_20PCT))}
+    out_root = Path(args.out or tempfile.mkdtemp(prefix="bench_edge_"))
+    results = {}
+    for name, job in jobs.items():
+        job.export = ExportCfg(repeats=args.repeats)
+        d = out_root / name.split()[0].replace("%", "pct")
+        d.mkdir(parents=True, exist_ok=True)
+        print(f"\n## {name}", flush=True)
+        results[name] = run(job, d, {"benchmark": "bench_edge", "model": name})
+    print("\n# Summary")
+    for name, res in results.items():
+        mt = res["metrics"]
+        print(f"\n## {name}: {mt['params'] / 1e6:.1f}M parameters, {mt['blocks']} blocks; copy "
+              f"bandwidth {mt['copy_gb_s_1t']:.1f} GB/s (1 thread), {mt['copy_gb_s_2t']:.1f} "
+              f"GB/s (2 threads)\n")
+        print(table(res))
+    print(f"\nfiles and results.json under {out_root}")
+
+
+if __name__ == "__main__":
+    main()
