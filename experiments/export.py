@@ -29,10 +29,19 @@ from experiments.schema import ExportJob  # noqa: E402
 
 def check_export(job: ExportJob) -> None:
     """Bad settings fail here, before any model is loaded."""
-    from alpaca_jax.export import QTYPES
     from alpaca_jax.io.run_model import run_recipe
 
-    e = job.export
+    check_export_cfg(job.export)
+    if job.run_dir is not None:
+        if job.drop_blocks:
+            raise ValueError("drop_blocks applies to model.source; a run's recipe already lists "
+                             "the blocks it removed")
+        run_recipe(job.run_dir)      # a missing or malformed results.json fails here
+
+
+def check_export_cfg(e) -> None:
+    from alpaca_jax.export import QTYPES
+
     if not e.qtypes:
         raise ValueError("export.qtypes is empty; give at least one of " + ", ".join(QTYPES))
     for q in e.qtypes:
@@ -45,11 +54,6 @@ def check_export(job: ExportJob) -> None:
             raise ValueError(f"export.{key} must be >= 1, got {getattr(e, key)}")
     if e.parity_tokens < 0:
         raise ValueError(f"export.parity_tokens must be >= 0, got {e.parity_tokens}")
-    if job.run_dir is not None:
-        if job.drop_blocks:
-            raise ValueError("drop_blocks applies to model.source; a run's recipe already lists "
-                             "the blocks it removed")
-        run_recipe(job.run_dir)      # a missing or malformed results.json fails here
 
 
 def _load(job: ExportJob):
@@ -89,7 +93,7 @@ def _qat_grid(recipe: dict, qtype: str, cfg) -> bool | None:
     return plan == trained
 
 
-def _jax_generation_tok_s(params, cfg, prompt, n_gen, repeats) -> float:
+def jax_generation_tok_s(params, cfg, prompt, n_gen, repeats) -> float:
     """Greedy decode tokens/s of the JAX fp32 model, batch 1: (n_gen - 1) steps over the time
     difference of n_gen and 1 new tokens, so prefill is not counted (as llama.cpp's figure)."""
     from alpaca_jax import generate_ids
@@ -106,44 +110,37 @@ def _jax_generation_tok_s(params, cfg, prompt, n_gen, repeats) -> float:
     return (n_gen - 1) / max(timed(n_gen) - timed(1), 1e-9)
 
 
-def run(job: ExportJob, run_dir: Path, resolved: dict) -> dict:
+def wiki_ids(tok, n: int) -> list[int]:
+    """The first `n` tokens of the wiki corpus (parity windows, benchmark prompts)."""
+    from alpaca_jax.data.corpora import load_documents
+
+    if n == 0:
+        return []
+    ids = tok.encode("\n\n".join(load_documents("wiki")[:60]), bos=False, parse_special=False)
+    if len(ids) < n:
+        raise ValueError(f"the wiki corpus has {len(ids)} tokens; {n} were asked for")
+    return ids[:n]
+
+
+def export_files(params, cfg, tok, qtypes, out_dir: Path, e, recipe: dict, name: str):
+    """Write one GGUF per qtype into `out_dir` and check each against the JAX model (KL over
+    `e.parity_tokens` wiki tokens, greedy answers to `e.prompts`). Returns (exports, metrics);
+    `params` must be merged."""
     import numpy as np
 
-    from alpaca_jax import count_params, forward, generate_ids
-    from alpaca_jax.data.corpora import load_documents
+    from alpaca_jax import forward, generate_ids
     from alpaca_jax.eval.perplexity import perplexity_of_logits
     from alpaca_jax.export import to_gguf
-    from alpaca_jax.export.runtime import (bench_gguf, bytes_per_token, copy_bandwidth,
-                                           kl_stats, llama_greedy, llama_logits)
-    from alpaca_jax.peft.lora import merge
-    from alpaca_jax.provenance import git_sha, machine, versions, write_json_atomic
+    from alpaca_jax.export.runtime import bytes_per_token, kl_stats, llama_greedy, llama_logits
 
-    t0, sha = time.time(), git_sha()
-    check_export(job)
-    e = job.export
-    qtypes = [str(q).upper() for q in e.qtypes]
-    need_text = e.parity_tokens or e.bench or e.jax_bench
-    text = "\n\n".join(load_documents("wiki")[:60]) if need_text else ""
-    params, cfg, tok, recipe = _load(job)
-    params = merge(params)
-    print(f"model: {job.run_dir or job.model.source}, {cfg.num_layers} blocks, "
-          f"{count_params(params) / 1e6:.1f}M parameters", flush=True)
-    ids = tok.encode(text, bos=False, parse_special=False) if need_text else []
-    if need_text and len(ids) < max(e.parity_tokens, e.prompt_tokens):
-        raise ValueError(f"the wiki corpus has {len(ids)} tokens; export.parity_tokens and "
-                         f"export.prompt_tokens must not exceed it")
-    parity_ids, bench_prompt = ids[: e.parity_tokens], ids[: e.prompt_tokens]
+    parity_ids = wiki_ids(tok, e.parity_tokens)
     chats = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]))
              for p in e.prompts]
     eos = tuple(cfg.eos_token_ids)
-
-    bandwidth = {t: copy_bandwidth(t) for t in e.threads} if e.bench else {}
-    metrics, exports = {"params": count_params(params), "blocks": cfg.num_layers}, {}
-    if bandwidth:
-        metrics.update({f"copy_gb_s_{t}t": b / 1e9 for t, b in bandwidth.items()})
+    exports, metrics = {}, {}
     for qtype in qtypes:
-        path = to_gguf(params, cfg, tok, run_dir / f"model-{qtype.lower()}.gguf", qtype,
-                       name=f"alpaca_jax {Path(str(job.run_dir or job.model.source)).name}")
+        path = to_gguf(params, cfg, tok, out_dir / f"model-{qtype.lower()}.gguf", qtype,
+                       name=name)
         info = bytes_per_token(path, context=e.prompt_tokens + e.gen_tokens // 2)
         entry = {"file": path.name, **info, "qat_grid": _qat_grid(recipe, qtype, cfg)}
         metrics[f"{qtype}/file_mb"] = info["file_bytes"] / 2**20
@@ -177,23 +174,56 @@ def run(job: ExportJob, run_dir: Path, resolved: dict) -> dict:
                 answers.append(a)
             entry["greedy"] = answers
             metrics[f"{qtype}/greedy_identical"] = sum(a["identical"] for a in answers)
-        if e.bench:
-            entry["bench"] = []
-            for t in e.threads:
-                b = bench_gguf(path, t, bench_prompt, e.gen_tokens, e.repeats)
-                b["bound_gen_tok_s"] = bandwidth[t] / info["bytes_per_token"]
-                entry["bench"].append(b)
-                metrics.update({f"{qtype}/prompt_tok_s_{t}t": b["prompt_tok_s"],
-                                f"{qtype}/gen_tok_s_{t}t": b["gen_tok_s"],
-                                f"{qtype}/bound_gen_tok_s_{t}t": b["bound_gen_tok_s"],
-                                f"{qtype}/peak_rss_mb_{t}t": b["peak_rss_mb"]})
         exports[qtype] = entry
         print(f"{qtype}: {_summary(entry)}", flush=True)
+    return exports, metrics
+
+
+def bench_files(exports: dict, out_dir: Path, e, tok) -> dict:
+    """Time every exported file in llama.cpp at each of `e.threads` (adds `bench` to each
+    entry) beside the measured copy bandwidth; returns the metrics."""
+    from alpaca_jax.export.runtime import bench_gguf, copy_bandwidth
+
+    prompt = wiki_ids(tok, e.prompt_tokens)
+    bandwidth = {t: copy_bandwidth(t) for t in e.threads}
+    metrics = {f"copy_gb_s_{t}t": b / 1e9 for t, b in bandwidth.items()}
+    for qtype, entry in exports.items():
+        entry["bench"] = []
+        for t in e.threads:
+            b = bench_gguf(out_dir / entry["file"], t, prompt, e.gen_tokens, e.repeats)
+            b["bound_gen_tok_s"] = bandwidth[t] / entry["bytes_per_token"]
+            entry["bench"].append(b)
+            metrics.update({f"{qtype}/prompt_tok_s_{t}t": b["prompt_tok_s"],
+                            f"{qtype}/gen_tok_s_{t}t": b["gen_tok_s"],
+                            f"{qtype}/bound_gen_tok_s_{t}t": b["bound_gen_tok_s"],
+                            f"{qtype}/peak_rss_mb_{t}t": b["peak_rss_mb"]})
+    return metrics
+
+
+def run(job: ExportJob, run_dir: Path, resolved: dict) -> dict:
+    from alpaca_jax import count_params
+    from alpaca_jax.peft.lora import merge
+    from alpaca_jax.provenance import git_sha, machine, versions, write_json_atomic
+
+    t0, sha = time.time(), git_sha()
+    check_export(job)
+    e = job.export
+    params, cfg, tok, recipe = _load(job)
+    params = merge(params)
+    source = job.run_dir or job.model.source
+    print(f"model: {source}, {cfg.num_layers} blocks, {count_params(params) / 1e6:.1f}M "
+          f"parameters", flush=True)
+    metrics = {"params": count_params(params), "blocks": cfg.num_layers}
+    exports, m = export_files(params, cfg, tok, [str(q).upper() for q in e.qtypes], run_dir, e,
+                              recipe, f"alpaca_jax {Path(str(source)).name}")
+    metrics.update(m)
+    if e.bench:
+        metrics.update(bench_files(exports, run_dir, e, tok))
     if e.jax_bench:
-        metrics["jax_fp32/gen_tok_s"] = _jax_generation_tok_s(params, cfg, bench_prompt,
-                                                              e.gen_tokens, e.repeats)
+        metrics["jax_fp32/gen_tok_s"] = jax_generation_tok_s(
+            params, cfg, wiki_ids(tok, e.prompt_tokens), e.gen_tokens, e.repeats)
     results = {"stage": "export", "metrics": metrics, "exports": exports, "recipe": recipe,
-               "source": job.run_dir or job.model.source, "config": resolved, "git_sha": sha,
+               "source": source, "config": resolved, "git_sha": sha,
                "versions": versions(), "machine": machine(),
                "wall_time_s": round(time.time() - t0, 1)}
     write_json_atomic(run_dir / "results.json", results)

@@ -42,6 +42,29 @@ def load_instruction_records(data):
     return records[: data.max_records] if data.max_records else records
 
 
+def pack_instruction_data(d, tok, train_rec, val_rec):
+    """(train rows, val rows or None, stats): records encoded with the loss on the response
+    only, truncated at `d.cutoff_len` (counted), packed into rows of `d.seq_len`."""
+    from alpaca_jax.data.alpaca import encode_records
+    from alpaca_jax.data.batching import pack
+
+    enc_train = encode_records(tok, train_rec, d.cutoff_len)
+    enc_val = encode_records(tok, val_rec, d.cutoff_len)
+    if len(enc_train) == 0:
+        raise ValueError(f"data.cutoff_len={d.cutoff_len}: no training example keeps a response "
+                         f"token (all {len(enc_train.dropped)} prompts fill the cutoff)")
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    train_rows = pack(enc_train.ids, enc_train.loss_mask, d.seq_len, pad, d.packing)
+    val_rows = pack(enc_val.ids, enc_val.loss_mask, d.seq_len, pad, d.packing) if val_rec else None
+    stats = {"records": len(train_rec) + len(val_rec), "train_examples": len(enc_train),
+             "val_examples": len(enc_val), "train_rows": len(train_rows),
+             "truncated": enc_train.n_truncated + enc_val.n_truncated,
+             "dropped_no_response": len(enc_train.dropped) + len(enc_val.dropped),
+             "train_loss_tokens": int(train_rows.loss_mask.sum())}
+    print(f"data: {stats}", flush=True)
+    return train_rows, val_rows, stats
+
+
 def check_peft(p) -> None:
     """Bad adapter settings fail here, before data or model are loaded."""
     from alpaca_jax.peft import check_settings, resolve_targets
@@ -79,9 +102,11 @@ def check_prune(p) -> None:
         raise FileNotFoundError(f"prune.calib={p.calib}: no such file")
 
 
-def prune_model(p, source: str, params, cfg, tok, run_dir: Path) -> dict:
+def prune_model(p, source: str, params, cfg, tok, run_dir: Path, upstream: str | None = None
+                ) -> dict:
     """Score, choose and record the blocks to remove (`block_scores.json`). A re-run in the same
-    run dir with the same settings reuses the saved scores instead of recomputing them."""
+    run dir with the same settings (and `upstream`, a fingerprint of what changed the model
+    before pruning) reuses the saved scores instead of recomputing them."""
     from alpaca_jax.prune import (calibration_ids, check_n_blocks, n_blocks_for, protection,
                                   prune_plan)
     from alpaca_jax.prune.scores import canonical_criterion
@@ -93,6 +118,8 @@ def prune_model(p, source: str, params, cfg, tok, run_dir: Path) -> dict:
     check_n_blocks(n, cfg.num_layers, keep_first, keep_last)   # before any compute
     settings = {**{k: v for k, v in dataclasses.asdict(p).items() if k != "heal"},
                 "criterion": criterion, "model": source, "num_layers": cfg.num_layers}
+    if upstream is not None:
+        settings["upstream"] = upstream
     path = run_dir / "block_scores.json"
     if path.exists():
         saved = json.loads(path.read_text())
@@ -140,8 +167,7 @@ def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
     from alpaca_jax.prune import drop_layers
     from alpaca_jax.quant import FakeQuant, QuantSpec
     from alpaca_jax.train.split import split, train_all
-    from alpaca_jax.data.alpaca import encode_records, format_prompt, split_records
-    from alpaca_jax.data.batching import pack
+    from alpaca_jax.data.alpaca import format_prompt, split_records
     from alpaca_jax.data.corpora import load_documents
     from alpaca_jax.data.synthetic import exact_match
     from alpaca_jax.eval.perplexity import perplexity
@@ -167,20 +193,7 @@ def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
     qc = job.quant
     if qc.method != "none":   # a tensor the format cannot take fails here, before any compute
         FakeQuant.from_spec(QuantSpec(qc.format, qc.embed, qc.head, qc.activations), cfg)
-    enc_train = encode_records(tok, train_rec, d.cutoff_len)
-    enc_val = encode_records(tok, val_rec, d.cutoff_len)
-    if len(enc_train) == 0:
-        raise ValueError(f"data.cutoff_len={d.cutoff_len}: no training example keeps a response "
-                         f"token (all {len(enc_train.dropped)} prompts fill the cutoff)")
-    pad = tok.pad_id if tok.pad_id is not None else 0
-    train_rows = pack(enc_train.ids, enc_train.loss_mask, d.seq_len, pad, d.packing)
-    val_rows = pack(enc_val.ids, enc_val.loss_mask, d.seq_len, pad, d.packing) if val_rec else None
-    data_stats = {"records": len(records), "train_examples": len(enc_train),
-                  "val_examples": len(enc_val), "train_rows": len(train_rows),
-                  "truncated": enc_train.n_truncated + enc_val.n_truncated,
-                  "dropped_no_response": len(enc_train.dropped) + len(enc_val.dropped),
-                  "train_loss_tokens": int(train_rows.loss_mask.sum())}
-    print(f"data: {data_stats}", flush=True)
+    train_rows, val_rows, data_stats = pack_instruction_data(d, tok, train_rec, val_rec)
     mesh = make_mesh(fsdp=job.mesh_fsdp) if job.mesh_fsdp > 1 else None
 
     stage = "finetune" if job.prune.criterion == "none" else "prune"

@@ -30,6 +30,13 @@ class EvalCfg:
     prompts: list[str] = field(default_factory=lambda: ["What is the capital of France?"])
     chat: bool = True
     max_new_tokens: int = 48
+    # llm-foundry JSONL files (multiple choice, schema, language modelling); relative paths are
+    # read from the repository root when they do not exist from the working directory
+    zeroshot: list[str] = field(default_factory=list)
+    zeroshot_limit: int | None = None   # the first N records of each file; None = all
+    zeroshot_batch_size: int = 8
+    instruction_samples: int = 3        # pipeline: held-out prompts generated (exact match on
+                                        # data=synthetic); the held-out loss uses all of them
 
 
 @dataclass
@@ -147,11 +154,37 @@ class ExportJob:
     export: ExportCfg = field(default_factory=ExportCfg)
 
 
+STAGES = ("load", "baseline", "prune", "heal", "quantize", "evaluate", "export", "benchmark")
+
+
+@dataclass
+class PipelineJob:
+    """The ablation recipe as stages (`experiments/pipeline.py`): each listed stage runs in the
+    listed order, each one left out is skipped; `load` is implicit and first."""
+    stages: list[str] = field(default_factory=lambda: [
+        "baseline", "prune", "heal", "quantize", "evaluate", "export", "benchmark"])
+    skip: list[str] = field(default_factory=list)   # stages left out, e.g. [heal]: sweep
+                                                    # `skip=[],[heal]` for with/without healing
+    name: str = "default"            # the experiment's name in tables
+    seed: int = 0                    # training order, dropout and adapter init (train.seed,
+                                     # peft.init_seed); sweep it for mean +- std
+    model: ModelSourceCfg = field(default_factory=ModelSourceCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    peft: PeftCfg = field(default_factory=PeftCfg)
+    quant: QuantCfg = field(default_factory=QuantCfg)
+    prune: PruneCfg = field(default_factory=PruneCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    export: ExportCfg = field(default_factory=ExportCfg)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="evaluate_schema", node=EvaluateJob)
     cs.store(name="finetune_schema", node=FinetuneJob)
     cs.store(name="export_schema", node=ExportJob)
+    cs.store(name="pipeline_schema", node=PipelineJob)
 
 
 def to_dataclass(cfg, cls):

@@ -84,10 +84,15 @@ def load_run_model(run_dir):
     run_dir = Path(run_dir)
     recipe = run_recipe(run_dir)
     params, cfg, tok = load_model(recipe["base"])
-    if recipe.get("prune"):
-        params, cfg = drop_layers(params, cfg, recipe["prune"]["pruned"])
+    pruned = (recipe.get("prune") or {}).get("pruned") or []
+    order = recipe.get("order") or ["prune", "heal"]     # a pipeline may heal, then prune
+    heal_first = "heal" in order and "prune" in order and order.index("heal") < order.index("prune")
+    if pruned and not heal_first:
+        params, cfg = drop_layers(params, cfg, pruned)
     if recipe["finetune"] in ("lora", "dora"):
         params = load_peft(params, cfg, _adapter_dir(run_dir, recipe))
     elif recipe["finetune"] == "full":
         params = _restore_full(params, run_dir)
+    if pruned and heal_first:
+        params, cfg = drop_layers(params, cfg, pruned)
     return params, cfg, tok, recipe
