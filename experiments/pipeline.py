@@ -57,24 +57,29 @@ def check_stages(job: PipelineJob) -> list[str]:
         raise ValueError(f"stages={stages}: benchmark times the exported files; list export "
                          f"before benchmark")
     q = job.quant
-    if q.method != "none" and "quantize" not in pos:
-        raise ValueError(f"quant.method={q.method} but the stages list no quantize stage")
-    if q.method == "qat":
+    if q.method == "qat" and "quantize" in pos:
         if "heal" not in pos:
             raise ValueError("quant.method=qat trains through the quantizer, but there is no "
                              "heal stage (without training, use a ptq_* preset)")
         if job.peft.method != "none" and job.peft.dropout > 0:
             raise ValueError(f"QAT over {job.peft.method} quantizes W + s*A@B as one weight, "
                              f"which has no per-input dropout: set peft.dropout=0")
-    if q.method == "ptq" and "heal" in pos and pos["quantize"] < pos["heal"]:
+    if q.method == "ptq" and "heal" in pos and pos.get("quantize", -1) > -1 and \
+            pos["quantize"] < pos["heal"]:
         raise ValueError("quant.method=ptq rounds the weights as they are, but heal comes "
                          "after quantize; list quantize after heal, or use a qat_* preset")
-    if q.method != "none" and "export" in pos and pos["quantize"] < pos["export"] and \
+    if q.method != "none" and "quantize" in pos and "export" in pos and \
+            pos["quantize"] < pos["export"] and \
             q.format not in GGUF_FORMATS:
         raise ValueError(f"export of a {q.format} model: GGUF holds {', '.join(GGUF_FORMATS)}; "
                          f"quantize to one of them or export before quantize")
-    if "prune" not in pos and job.prune.criterion != "none":
-        raise ValueError(f"prune.criterion={job.prune.criterion} but the stages list no prune")
+    unused = [g for g, st, on in (("prune", "prune", job.prune.criterion != "none"),
+                                   ("peft/train", "heal", True),
+                                   ("quant", "quantize", q.method != "none"),
+                                   ("export", "export", True)) if on and st not in pos]
+    if unused:     # said, not silent: a group whose stage is not run does nothing
+        print(f"[stages] not run: {', '.join(s for s in STAGES[1:] if s not in pos)}; "
+              f"settings unused: {', '.join(unused)}", flush=True)
     if "heal" in pos and job.train.steps < 1:
         raise ValueError("stage heal needs train.steps >= 1")
     return stages
@@ -142,7 +147,7 @@ def facets(job: PipelineJob, stages: list[str], prune_record) -> dict:
             "prune_ratio": p.ratio if p.ratio is not None and removed else 0.0,
             "heal": ("none" if "heal" not in stages else
                      "full" if job.peft.method == "none" else job.peft.method),
-            "quant": ("none" if job.quant.method == "none" else
+            "quant": ("none" if job.quant.method == "none" or "quantize" not in stages else
                       f"{job.quant.method}_{job.quant.format}"),
             "seed": job.seed}
 
@@ -195,6 +200,7 @@ def run(job: PipelineJob, run_dir: Path, resolved: dict) -> dict:
     transform, quant_formats, prune_record, adapter_dir = adapted, None, None, None
     finetune, train_res = "none", None
     eval_fns = {}
+    qat = qc.method == "qat" and "quantize" in stages
 
     def quantizer(c):
         return FakeQuant.from_spec(QuantSpec(qc.format, qc.embed, qc.head, qc.activations), c)
@@ -257,7 +263,7 @@ def run(job: PipelineJob, run_dir: Path, resolved: dict) -> dict:
             # QAT trains through the quantizer wherever the quantize stage is listed
             train_res = train(params, cfg, train_rows, val_rows, tc, run_dir, log=log,
                               trainable=trainable,
-                              materialize=quantizer(cfg) if qc.method == "qat" else transform,
+                              materialize=quantizer(cfg) if qat else transform,
                               fingerprint={"upstream": upstream})
             bar.close()
             params = (train_res.best_params if train_res.best_params is not None
@@ -273,7 +279,7 @@ def run(job: PipelineJob, run_dir: Path, resolved: dict) -> dict:
             store.advance("quantize", dataclasses.asdict(qc))
             if qc.method == "none":
                 print("[quantize] quant=none: the model stays float", flush=True)
-            else:
+            else:        # PTQ: round-to-nearest from here on; QAT: the grid heal trained on
                 transform = quantizer(cfg)
                 quant_formats = dict(transform.formats)
                 print(f"[quantize] {qc.method} {qc.format}: {len(quant_formats)} tensors",
@@ -324,6 +330,7 @@ def run(job: PipelineJob, run_dir: Path, resolved: dict) -> dict:
                        **dataclasses.asdict(qc), "tensors": quant_formats},
                    "train": dataclasses.asdict(tc) if "heal" in stages else None},
         "config": resolved, "git_sha": sha, "versions": versions(), "machine": machine(),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "wall_time_s": round(time.time() - t0, 1),
     }
     write_json_atomic(run_dir / "results.json", results)
