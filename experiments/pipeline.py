@@ -272,9 +272,14 @@ def run(job: PipelineJob, run_dir: Path, resolved: dict) -> dict:
             if pc.method != "none":
                 adapter_dir = str(save_peft(params, cfg, run_dir / "adapter",
                                             base_model_name_or_path=job.model.source))
-            metrics.update({"heal/best_val_loss": train_res.best_val_loss,
-                            "heal/best_step": train_res.best_step,
-                            "heal/train_tokens_per_s": train_res.tokens_per_s})
+            heal = {"best_val_loss": train_res.best_val_loss, "best_step": train_res.best_step,
+                    "train_tokens_per_s": train_res.tokens_per_s}
+            saved = store.load("heal")
+            if saved is not None and train_res.resumed_from == tc.steps:
+                heal["train_tokens_per_s"] = saved["train_tokens_per_s"]  # nothing trained now
+            elif train_res.resumed_from is None:
+                store.save("heal", heal)   # a resumed run's throughput is of its last part only
+            metrics.update({f"heal/{k}": v for k, v in heal.items()})
         elif stage == "quantize":
             store.advance("quantize", dataclasses.asdict(qc))
             if qc.method == "none":

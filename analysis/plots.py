@@ -1,0 +1,50 @@
+"""Ablation plots as PNG: perplexity against parameters, zero-shot accuracy against llama.cpp
+generation speed. One marker per run, labelled by its facets."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _scatter(rows, x_key, y_key, label_keys, xlabel, ylabel, title, path, x_scale=1.0,
+             y_scale=1.0) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(r[x_key] * x_scale, r[y_key] * y_scale, " ".join(str(r.get(k)) for k in label_keys))
+           for r in rows if isinstance(r.get(x_key), (int, float))
+           and isinstance(r.get(y_key), (int, float))]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for x, y, label in pts:
+        ax.scatter([x], [y], s=28)
+        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def ppl_vs_params(rows, path, label_keys=("criterion", "heal", "quant")):
+    return _scatter(rows, "params", "ppl_wiki", label_keys, "parameters (M)",
+                    "wiki perplexity", "Perplexity vs parameters", path, x_scale=1e-6)
+
+
+def accuracy_vs_speed(rows, path, label_keys=("criterion", "heal", "quant"), threads=1):
+    """Zero-shot average against the llama.cpp generation tokens/s of the run's exported file
+    (`benchmark` stage) at `threads` threads."""
+    for r in rows:
+        speeds = [v for k, v in r.items() if k.startswith("bench/") and
+                  k.endswith(f"/gen_tok_s_{threads}t") and "jax" not in k]
+        r[f"_gen_tok_s_{threads}t"] = speeds[0] if speeds else None
+    return _scatter(rows, f"_gen_tok_s_{threads}t", "zeroshot_avg", label_keys,
+                    f"llama.cpp generation tokens/s ({threads} thread{'s' * (threads > 1)})",
+                    "zero-shot accuracy (avg, %)", "Accuracy vs speed", path, y_scale=100)

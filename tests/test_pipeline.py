@@ -1,0 +1,203 @@
+"""The ablation pipeline end to end on a tiny model: a two-config sweep through every stage and
+the analysis into a table that matches the runs; resume; stage-order and sweep errors; the
+analysis's tables, sections and malformed inputs."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis.collect import ResultsError, collect
+from analysis.report import replace_section
+from analysis.tables import latex, markdown, summarize
+from gguf_reference import tiny_bpe_vocab, write_tiny_gguf
+from hf_reference import tiny_hf_model
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, WANDB_MODE="disabled")
+ZS = "../shared/data/zeroshot"
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny4.gguf"
+    write_tiny_gguf(tiny_hf_model(vocab=len(tiny_bpe_vocab()[0]), max_pos=512, layers=4), path)
+    return path
+
+
+def _args(gguf):
+    return [f"model.source={gguf}", "data=synthetic", "data.synthetic_size=80", "data.val_size=8",
+            "data.cutoff_len=320", "data.seq_len=320", "train.steps=4", "train.batch_size=4",
+            "train.eval_every=2", "train.save_every=2", "train.warmup_steps=1", "train.lr=3e-3",
+            "logger=disabled", "eval.corpora=[wiki]", "eval.max_tokens=256", "eval.ctx_len=64",
+            f"eval.zeroshot=[{ZS}/copa.jsonl,{ZS}/winograd_wsc.jsonl,{ZS}/lambada_openai.jsonl]",
+            "eval.zeroshot_limit=8", "eval.instruction_samples=2", "eval.prompts=[hi]",
+            "eval.max_new_tokens=4", "peft.rank=4", "prune.calib=wiki", "prune.calib_len=32",
+            "prune.calib_samples=4", "export.threads=[1]", "export.repeats=1",
+            "export.gen_tokens=4", "export.prompt_tokens=16", "export.parity_tokens=32",
+            "export.max_new_tokens=4", "export.prompts=[hello]"]
+
+
+def _pipeline(*args, timeout=900):
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / "pipeline.py"), *args],
+                          env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _report(*args):
+    return subprocess.run([sys.executable, "-m", "analysis.report", *args], env=ENV, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_gguf, tmp_path_factory):
+    """`-m` over two pruning ratios, every stage: baseline, prune, heal (LoRA), quantize (PTQ
+    Q8_0), evaluate, export, benchmark."""
+    d = tmp_path_factory.mktemp("sweep")
+    proc = _pipeline("-m", *_args(tiny_gguf), "quant=ptq_q8_0", "prune.ratio=0.0,0.25",
+                     f"hydra.sweep.dir={d}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return d
+
+
+def test_a_sweep_runs_every_stage_and_the_analysis_tables_it(sweep, tmp_path):
+    runs = [json.loads((sweep / i / "results.json").read_text()) for i in ("0", "1")]
+    for r in runs:
+        assert r["stage"] == "pipeline" and r["stages"] == [
+            "baseline", "prune", "heal", "quantize", "evaluate", "export", "benchmark"]
+        m = r["metrics"]
+        for key in ("baseline/ppl_wiki", "final/ppl_wiki", "final/copa/acc", "final/copa/acc_norm",
+                    "final/winograd_wsc/acc", "final/lambada_openai/acc", "final/val_loss",
+                    "final/exact_match", "heal/best_val_loss", "export/Q8_0/file_mb",
+                    "bench/Q8_0/gen_tok_s_1t", "bench/jax_fp32/gen_tok_s"):
+            assert key in m, key
+        assert r["exports"]["Q8_0"]["parity"]["kl_mean"] < 1e-6   # the file is the JAX model
+        assert r["facets"]["quant"] == "ptq_q8_0" and r["facets"]["heal"] == "lora"
+    assert [r["facets"]["pruned_blocks"] for r in runs] == [0, 1]
+    assert runs[1]["metrics"]["params"] < runs[0]["metrics"]["params"]
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\nkept text\n")
+    proc = _report(str(sweep), "--name", "mini", "--results", str(results), "--latex",
+                   str(tmp_path / "t.tex"), "--plots", str(tmp_path / "plots"), "--archive",
+                   str(tmp_path / "archive"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = results.read_text()
+    assert text.startswith("# Results\n\nkept text\n") and "<!-- analysis:mini begin -->" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ppl") or
+            line.startswith("| none")]
+    assert len(rows) == 2
+    header = [c.strip() for c in next(line for line in text.splitlines()
+                                      if line.startswith("| criterion")).strip("|").split("|")]
+    for line, r in zip(sorted(rows, key=lambda x: x.startswith("| ppl")), runs):
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+        m = r["metrics"]
+        assert cells["pruned_blocks"] == str(r["facets"]["pruned_blocks"])
+        assert cells["wiki ppl"] == f"{m['final/ppl_wiki']:.2f}"
+        assert cells["COPA"] == f"{100 * m['final/copa/acc']:.1f}"
+        assert cells["0-shot avg"] == f"{100 * m['final/zeroshot_avg']:.1f}"
+        assert cells["params (M)"] == f"{m['params'] / 1e6:.1f}"
+        assert cells["llama.cpp tok/s 1t"] == f"{m['bench/Q8_0/gen_tok_s_1t']:.0f}"
+        assert cells["n"] == "1"
+        link = re.search(r"\((archive/[^)]+\.json)\)", cells["runs"]).group(1)
+        assert json.loads((tmp_path / link).read_text())["metrics"] == m
+    assert r"\toprule" in (tmp_path / "t.tex").read_text()
+    assert (tmp_path / "plots" / "mini_ppl_vs_params.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "mini_acc_vs_speed.png").stat().st_size > 1000
+
+    again = _report(str(sweep), "--name", "mini", "--results", str(results))
+    assert again.returncode == 0 and results.read_text().count("analysis:mini begin") == 1
+
+
+def test_a_rerun_resumes_every_stage(sweep, tiny_gguf):
+    before = json.loads((sweep / "1" / "results.json").read_text())
+    proc = _pipeline(*_args(tiny_gguf), "quant=ptq_q8_0", "prune.ratio=0.25",
+                     f"hydra.run.dir={sweep / '1'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("baseline", "final", "export", "benchmark"):
+        assert f"[{stage}] reusing" in proc.stdout, stage
+    assert "reusing block scores" in proc.stdout
+    after = json.loads((sweep / "1" / "results.json").read_text())
+    assert after["resumed_from"] == 4 and after["metrics"] == before["metrics"]
+
+
+def test_heal_then_prune_is_rebuilt_in_that_order(tiny_gguf, tmp_path):
+    from alpaca_jax import forward
+    from alpaca_jax.export.runtime import llama_logits
+    from alpaca_jax.io.run_model import load_run_model
+    from alpaca_jax.peft.lora import merge
+    from test_forward_parity import assert_close_logits
+
+    proc = _pipeline(*_args(tiny_gguf), "stages=[heal,prune,export]", "prune.ratio=0.25",
+                     "export.qtypes=[F32]", "export.prompts=[]", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    params, cfg, _, recipe = load_run_model(tmp_path)
+    assert recipe["order"] == ["heal", "prune", "export"] and cfg.num_layers == 3
+    ids = list(range(3, 19))
+    assert_close_logits(llama_logits(tmp_path / "model-f32.gguf", ids),
+                        np.asarray(forward(merge(params), np.array([ids]), cfg)[0][0]))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["stages=[export,load]"], "'export' cannot run before load"),
+    (["stages=[benchmark,export]"], "list export before benchmark"),
+    (["stages=[baseline,evaluat]"], "unknown stage 'evaluat'"),
+    (["stages=[quantize,heal]", "quant=ptq_q8_0"], "heal comes after quantize"),
+    (["stages=[quantize,evaluate]", "quant=qat_q8_0"], "there is no heal stage"),
+    (["stages=[quantize,export]", "quant.method=ptq", "quant.format=int8_channel"],
+     "GGUF holds q8_0, q4_0, q4_1"),
+    (["skip=[load]"], "load cannot be skipped"),
+    (["-m", "prune.ratioo=0.1,0.2"], "Key 'ratioo' not in 'PruneCfg'"),  # a sweep's missing key
+    (["eval.zeroshot=[/nonexistent/x.jsonl]"], "no such zero-shot file"),
+])
+def test_bad_stage_orders_and_sweeps_fail_before_any_work(tiny_gguf, tmp_path, args, message):
+    flags = [a for a in args if a == "-m"]            # Hydra wants -m before the overrides
+    proc = _pipeline(*flags, *_args(tiny_gguf), *[a for a in args if a != "-m"],
+                     f"hydra.run.dir={tmp_path}", f"hydra.sweep.dir={tmp_path}", timeout=180)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "results.json").exists() and not list(tmp_path.rglob("*.gguf"))
+
+
+def test_malformed_results_are_named(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text('{"stage": "pipeline", "metrics": ')
+    with pytest.raises(ResultsError, match="a/results.json: not valid JSON"):
+        collect([tmp_path])
+    (tmp_path / "a" / "results.json").write_text('{"stage": "pipeline"}')
+    with pytest.raises(ResultsError, match="a/results.json: no 'metrics'"):
+        collect([tmp_path])
+    proc = _report(str(tmp_path), "--name", "x", "--results", str(tmp_path / "R.md"))
+    assert proc.returncode != 0 and "a/results.json: no 'metrics'" in proc.stderr
+    assert not (tmp_path / "R.md").exists()
+
+
+def test_mean_and_std_over_seeds():
+    rows = [{"path": f"r{s}", "criterion": "ppl", "ppl_wiki": v, "seed": s}
+            for s, v in enumerate([10.0, 12.0, 14.0])]
+    rows.append({"path": "b", "criterion": "bi", "ppl_wiki": 20.0, "seed": 0})
+    summary = summarize(rows, ["criterion"], ["ppl_wiki", "copa/acc"])
+    assert summary[0]["stats"]["ppl_wiki"] == (12.0, 2.0, 3) and summary[0]["n"] == 3
+    assert summary[1]["stats"]["ppl_wiki"] == (20.0, None, 1)
+    md = markdown(summary, ["criterion"], ["ppl_wiki", "copa/acc"])
+    assert "| ppl | 3 | 12.00 ± 2.00 |" in md and "| bi | 1 | 20.00 |" in md
+    assert "COPA" not in md                       # a metric no run has is left out
+    assert r"12.00 $\pm$ 2.00" in latex(summary, ["criterion"], ["ppl_wiki"])
+
+
+def test_sections_are_replaced_in_place():
+    text = "# R\n\n<!-- analysis:a begin -->\nold\n<!-- analysis:a end -->\n\ntail\n"
+    new = replace_section(text, "a", "new table")
+    assert new == "# R\n\n<!-- analysis:a begin -->\nnew table\n<!-- analysis:a end -->\n\ntail\n"
+    assert replace_section("# R\n", "b", "x").endswith(
+        "<!-- analysis:b begin -->\nx\n<!-- analysis:b end -->\n")
+    with pytest.raises(ValueError, match="without a matching"):
+        replace_section("<!-- analysis:a begin -->\n", "a", "x")
+
+
+def test_the_slurm_launcher_config_composes():
+    proc = _pipeline("hydra/launcher=slurm", "--cfg", "hydra", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in proc.stdout
