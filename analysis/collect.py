@@ -3,7 +3,6 @@ runs), or the runs of a W&B project when it can be reached, as flat dicts of fac
 metrics that the tables group by."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 FACETS = ("experiment", "criterion", "pruned_blocks", "prune_ratio", "heal", "quant", "seed")
@@ -14,12 +13,12 @@ class ResultsError(ValueError):
 
 
 def _read(path: Path) -> dict:
+    from alpaca_jax.io.run_model import RunFormatError, read_results
+
     try:
-        res = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ResultsError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(res, dict):
-        raise ResultsError(f"{path}: expected a JSON object, got {type(res).__name__}")
+        res = read_results(path)
+    except RunFormatError as e:
+        raise ResultsError(str(e)) from e
     for key in ("stage", "metrics"):
         if key not in res:
             raise ResultsError(f"{path}: no {key!r} (not a results.json written by a run)")

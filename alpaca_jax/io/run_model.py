@@ -13,9 +13,11 @@ class RunFormatError(ValueError):
 
 
 def read_results(run_dir) -> dict:
-    """The parsed `results.json` of `run_dir`, with a clear error naming the file when it is
-    missing or is not the JSON object a run writes."""
-    path = Path(run_dir) / "results.json"
+    """The parsed `results.json` of `run_dir` (or the .json file `run_dir` names), with a clear
+    error naming the file when it is missing or is not the JSON object a run writes."""
+    path = Path(run_dir)
+    if path.suffix != ".json":
+        path = path / "results.json"
     if not path.is_file():
         raise RunFormatError(f"{path}: no such file (is {run_dir} a finished run directory?)")
     try:
