@@ -24,7 +24,7 @@ setup-test: $(VENV)/.test
 RUN_DIR ?= outputs/make-run/$(shell date +%Y-%m-%d_%H-%M-%S)
 run: setup
 	$(PY) experiments/pipeline.py hydra.run.dir=$(RUN_DIR) $(ARGS)
-	$(PY) -m analysis.report $(RUN_DIR) --name make-run --by experiment,criterion,pruned_blocks,heal,quant --title "The default experiment (make run): SmolLM2-135M-Instruct, 20% PPL-pruned, LoRA-healed, Q8_0"
+	$(PY) -m analysis.report $(RUN_DIR) --name make-run --archive results/make-run --note "The run: make run (conf/experiment/default.yaml); its wall time is in results.json." --by experiment,criterion,pruned_blocks,heal,quant --title "The default experiment (make run): SmolLM2-135M-Instruct, 20% PPL-pruned, LoRA-healed, Q8_0"
 
 evaluate: setup
 	$(PY) experiments/evaluate.py $(ARGS)
