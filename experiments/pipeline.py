@@ -85,13 +85,14 @@ def check_stages(job: PipelineJob) -> list[str]:
     return stages
 
 
-def check_settings(job: PipelineJob) -> None:
-    """Everything that can be checked without the model, so it fails before any work."""
+def check_settings(job: PipelineJob) -> list[str]:
+    """Everything that can be checked without the model, so it fails before any work; returns
+    the stages to run."""
     from experiments.export import check_export_cfg
     from experiments.finetune import check_peft, check_prune
     from alpaca_jax.quant import parse_format
 
-    check_stages(job)
+    stages = check_stages(job)
     check_peft(job.peft)
     check_prune(job.prune)
     q = job.quant
@@ -102,6 +103,7 @@ def check_settings(job: PipelineJob) -> None:
             if key == "format" or getattr(q, key) not in ("auto", "none"):
                 parse_format(getattr(q, key))
     check_export_cfg(job.export)
+    return stages
 
 
 def _fingerprint(*parts) -> str:
@@ -173,8 +175,7 @@ def run(job: PipelineJob, run_dir: Path, resolved: dict) -> dict:
     from alpaca_jax.train.step import make_eval_fn
 
     t0, sha = time.time(), git_sha()
-    check_settings(job)
-    stages = check_stages(job)
+    stages = check_settings(job)
     tc = dataclasses.replace(job.train, seed=job.seed)
     pc = dataclasses.replace(job.peft, init_seed=job.seed)
     d, ev, e, qc = job.data, job.eval, job.export, job.quant
