@@ -25,7 +25,7 @@ def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
                                          read_raw_text)
     from alpaca_jax.eval import perplexity, zeroshot
     from alpaca_jax.eval.zeroshot import read_tasks
-    from experiments.suite import resolve_path
+    from alpaca_jax.paths import resolve_path
     from alpaca_jax.io.registry import REGISTRY
     from alpaca_jax.provenance import git_sha, machine, versions, write_json_atomic
 
@@ -33,6 +33,7 @@ def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
     sha = git_sha()  # the code this run started from, not whatever HEAD is when it ends
     raw = job.eval.raw_text
     def read(name):  # a .npy of token ids, the raw file, or its documents
+        name = resolve_path(name)
         if name.endswith(".npy"):
             return load_token_ids(name)
         return read_raw_text(name) if raw else "\n\n".join(load_documents(name))

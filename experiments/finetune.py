@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from alpaca_jax.paths import resolve_path  # noqa: E402
 from experiments.app import hydra_app  # noqa: E402
 from experiments.schema import FinetuneJob  # noqa: E402
 
@@ -35,10 +36,7 @@ def load_instruction_records(data):
     if data.source == "synthetic":
         records = generate_tasks(data.synthetic_size, seed=data.split_seed)
     else:
-        source = data.source
-        if not Path(source).exists() and (ROOT / source).exists():
-            source = str(ROOT / source)  # relative to the repository, wherever we run from
-        records = load_records(source)
+        records = load_records(resolve_path(data.source))
     return records[: data.max_records] if data.max_records else records
 
 
@@ -98,7 +96,7 @@ def check_prune(p) -> None:
     if p.calib_samples < 1 or p.calib_len < 2:
         raise ValueError(f"prune: calibration needs calib_samples >= 1 and calib_len >= 2 "
                          f"(got {p.calib_samples}, {p.calib_len})")
-    if p.calib.endswith(".npy") and not Path(p.calib).is_file():
+    if p.calib.endswith(".npy") and not Path(resolve_path(p.calib)).is_file():
         raise FileNotFoundError(f"prune.calib={p.calib}: no such file")
 
 
@@ -127,8 +125,8 @@ def prune_model(p, source: str, params, cfg, tok, run_dir: Path, upstream: str |
             print(f"reusing block scores from {path}", flush=True)
             return saved
     needs_calib = criterion not in ("magnitude", "random")
-    calib = calibration_ids(p.calib, tok, cfg.vocab_size, n=p.calib_samples, seq_len=p.calib_len,
-                            seed=p.seed) if needs_calib else None
+    calib = calibration_ids(resolve_path(p.calib), tok, cfg.vocab_size, n=p.calib_samples,
+                            seq_len=p.calib_len, seed=p.seed) if needs_calib else None
     t0 = time.time()
     plan = prune_plan(params, cfg, calib, criterion, n, keep_first=keep_first,
                       keep_last=keep_last, iterative=p.iterative, batch_size=p.batch_size,
@@ -186,7 +184,7 @@ def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
     check_prune(job.prune)
     records = load_instruction_records(d)              # bad data fails before the model loads
     train_rec, val_rec = split_records(records, d.val_size, d.split_seed)
-    corpus = load_documents(ev.corpus)
+    corpus = load_documents(resolve_path(ev.corpus))
     params, cfg, tok = load_model(job.model.source)
     cfg = cfg.replace(compute_dtype=job.model.compute_dtype, remat=job.model.remat)
     n_base = count_params(params)

@@ -49,7 +49,7 @@ class EvaluateJob:
 class DataCfg:
     # a .json/.jsonl file of Alpaca records, `synthetic` (generated, exactly checkable), or a
     # hub dataset name (tatsu-lab/alpaca, yahma/alpaca-cleaned)
-    source: str = "../shared/data/alpaca/alpaca_small.json"
+    source: str = "data/alpaca/alpaca_small.json"
     max_records: int | None = None   # the first N records (before the split), None = all
     synthetic_size: int = 2000
     val_size: int = 100

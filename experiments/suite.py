@@ -8,15 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def resolve_path(source: str) -> str:
-    """A relative path that does not exist from the working directory is read from the
-    repository root (how the configs name `../shared/...`)."""
-    if not Path(source).exists() and (ROOT / source).exists():
-        return str(ROOT / source)
-    return source
+from alpaca_jax.paths import resolve_path
 
 
 @dataclass
@@ -41,7 +33,7 @@ def prepare(ev, tok, vocab_size: int, *, val_rows=None, val_records=(), syntheti
         if name.endswith(".npy"):
             ids = check_token_ids(load_token_ids(resolve_path(name)), vocab_size, name)
         else:
-            text = (read_raw_text(name) if ev.raw_text
+            text = (read_raw_text(resolve_path(name)) if ev.raw_text
                     else "\n\n".join(load_documents(resolve_path(name))))
             ids = np.asarray(tok.encode(text, bos=False, parse_special=ev.raw_text))
         p.ppl_ids[Path(name).stem if name.endswith(".npy") else name] = \

@@ -66,8 +66,8 @@ def test_malformed_records_name_file_and_index(tmp_path):
 
 
 def test_real_alpaca_small_loads():
-    recs = load_records(str(Path(__file__).resolve().parents[2]
-                            / "shared/data/alpaca/alpaca_small.json"))
+    recs = load_records(str(Path(__file__).resolve().parents[1]
+                            / "data/alpaca/alpaca_small.json"))
     assert len(recs) == 2000 and all(set(r) == {"instruction", "input", "output"} for r in recs)
     train, val = split_records(recs, 100, seed=0)
     assert len(train) == 1900 and len(val) == 100

@@ -19,7 +19,7 @@ from hf_reference import tiny_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, WANDB_MODE="disabled")
-ZS = "../shared/data/zeroshot"
+ZS = "data/zeroshot"
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Zero-shot scoring against transformers log-probabilities on a tiny model, the three JSONL
-formats, and the shared sets' records."""
+formats, and the vendored sets' records."""
 import json
 from pathlib import Path
 
@@ -13,7 +13,7 @@ from alpaca_jax.eval.zeroshot import read_tasks, score_continuations
 from gguf_reference import tiny_bpe_vocab, write_tiny_gguf
 from hf_reference import tiny_hf_model
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "zeroshot"
+VENDORED = Path(__file__).resolve().parent.parent / "data" / "zeroshot"
 
 MC = [{"query": "Question: which is a colour?", "choices": ["red", "table", "a long answer"],
        "gold": 0},
@@ -119,11 +119,11 @@ def test_mixed_formats_and_missing_files_fail(tmp_path):
         read_tasks(tmp_path / "nope.jsonl")
 
 
-def test_the_shared_sets_parse_in_their_formats():
+def test_the_vendored_sets_parse_in_their_formats():
     expected = {"piqa": ("multiple_choice", 1838), "arc_easy": ("multiple_choice", 2376),
                 "boolq": ("multiple_choice", 3270), "copa": ("multiple_choice", 100),
                 "winograd_wsc": ("schema", 273), "lambada_openai": ("language_modeling", 5153)}
     for name, (fmt, n) in expected.items():
-        got_fmt, records = read_tasks(SHARED / f"{name}.jsonl")
+        got_fmt, records = read_tasks(VENDORED / f"{name}.jsonl")
         assert (got_fmt, len(records)) == (fmt, n), name
-    assert len(read_tasks(SHARED / "piqa.jsonl", limit=10)[1]) == 10
+    assert len(read_tasks(VENDORED / "piqa.jsonl", limit=10)[1]) == 10
