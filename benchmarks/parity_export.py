@@ -38,6 +38,7 @@ def main():
     import jax.numpy as jnp
 
     from alpaca_jax.export import to_gguf
+    from alpaca_jax.export.runtime import open_llama
     from alpaca_jax.export.runtime import kl_stats
     from alpaca_jax.provenance import git_sha
     from alpaca_jax.quant import FakeQuant, QuantSpec
@@ -56,8 +57,8 @@ def main():
           f"llama.cpp with an F32 KV cache, 2 threads)")
 
     def run_llama(path):
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n, n_batch=n, logits_all=True,
-                              n_threads=2, type_k=0, type_v=0, verbose=False)
+        llm = open_llama(path, repack=False, n_ctx=n, n_batch=n, logits_all=True,
+                         n_threads=2, type_k=0, type_v=0)
         llm.eval(ids)
         return np.asarray(llm.scores[:n], np.float32)
 

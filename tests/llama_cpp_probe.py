@@ -41,8 +41,9 @@ def capture(model_path: str, ids: list[int], names: set[str], threads: int = 2) 
     tensors whose ggml name is in `names`. For a name computed several times (`Qcur-0` is the
     matmul, then a reshape, then RoPE) the first, which for `Qcur`/`Kcur`/`Vcur` is the
     matmul's output."""
-    import llama_cpp
     import llama_cpp.llama_cpp as lib
+
+    from alpaca_jax.export.runtime import open_llama
 
     got: dict = {}
 
@@ -65,9 +66,8 @@ def capture(model_path: str, ids: list[int], names: set[str], threads: int = 2) 
 
     lib.llama_context_default_params = with_callback   # Llama() reads it at construction
     try:
-        llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=max(32, len(ids)),
-                              n_batch=len(ids), n_threads=threads, type_k=0, type_v=0,
-                              verbose=False)
+        llm = open_llama(model_path, repack=False, n_ctx=max(32, len(ids)), n_batch=len(ids),
+                         n_threads=threads, type_k=0, type_v=0)
         llm.eval(list(ids))
     finally:
         lib.llama_context_default_params = default

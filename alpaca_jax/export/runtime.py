@@ -6,9 +6,17 @@ limit a GGUF file runs against.
 inflate it. `bytes_per_token` / `copy_bandwidth` give the memory-bandwidth bound: a decode step
 reads every weight once (the embedding table only when it is also the output head), so
 tokens/s <= bandwidth / bytes read per token.
+
+`open_llama(..., repack=False)` loads a file without ggml's runtime weight repacking (the CPU
+"extra buffer types": Q4_0 and others re-laid into interleaved tiles on x86 AVX2 and ARM, with
+their own activation quantization and accumulation order). Parity checks read the file through
+the standard ggml dot products, which our activation emulation reproduces exactly; whether ggml
+repacks depends on the CPU it runs on, so a parity figure taken with it would depend on the
+machine, not the file. Benchmarks keep llama.cpp's default (repacking on), as users run it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import subprocess
@@ -18,6 +26,37 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+
+@contextlib.contextmanager
+def _without_repack():
+    """`llama_cpp.Llama` reads its model parameters from `llama_model_default_params()` at
+    construction and has no argument for `use_extra_bufts`, so patch the default meanwhile."""
+    import llama_cpp.llama_cpp as lib
+
+    default = lib.llama_model_default_params
+
+    def no_repack():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = no_repack
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
+
+
+def open_llama(path, *, repack: bool = True, **kwargs):
+    """`llama_cpp.Llama` on `path` (quiet); `repack=False`: ggml's standard CPU kernels only."""
+    import llama_cpp
+
+    kwargs.setdefault("verbose", False)
+    if repack:
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    with _without_repack():
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
 
 
 def _child(path: str, threads: int, prompt: list[int], n_gen: int, repeats: int) -> dict:
@@ -76,23 +115,19 @@ def bench_gguf(path, threads: int, prompt: list[int], n_gen: int = 64, repeats: 
 
 def llama_logits(path, ids: list[int], threads: int = 2) -> np.ndarray:
     """`[T, V]` float32 logits of one pass over `ids` in llama.cpp, with an F32 KV cache so that
-    the cache adds no rounding of its own (parity checks)."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids), n_batch=len(ids),
-                          logits_all=True, n_threads=threads, type_k=0, type_v=0, verbose=False)
+    the cache adds no rounding of its own, and without runtime repacking (parity checks)."""
+    llm = open_llama(path, repack=False, n_ctx=len(ids), n_batch=len(ids), logits_all=True,
+                     n_threads=threads, type_k=0, type_v=0)
     llm.eval(list(ids))
     return np.array(llm.scores[: len(ids)], np.float32)
 
 
 def llama_greedy(path, prompt: list[int], max_new_tokens: int, eos_ids=(),
                  threads: int = 2) -> list[int]:
-    """Greedy continuation of `prompt` in llama.cpp (F32 KV cache), cut before the first EOS."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + max_new_tokens,
-                          n_batch=len(prompt), n_threads=threads, type_k=0, type_v=0,
-                          verbose=False)
+    """Greedy continuation of `prompt` in llama.cpp (F32 KV cache, no runtime repacking), cut
+    before the first EOS."""
+    llm = open_llama(path, repack=False, n_ctx=len(prompt) + max_new_tokens,
+                     n_batch=len(prompt), n_threads=threads, type_k=0, type_v=0)
     n_vocab, out = llm.n_vocab(), []
     llm.eval(list(prompt))
     for _ in range(max_new_tokens):
