@@ -3,7 +3,7 @@
     python experiments/evaluate.py                         # SmolLM2-135M-Instruct, defaults
     python experiments/evaluate.py eval.max_tokens=16384 eval.ctx_len=1024
     python experiments/evaluate.py model.source=/path/to/hf_dir
-    python experiments/evaluate.py eval=suite                # + zero-shot on the shared sets
+    python experiments/evaluate.py eval=suite                # + zero-shot on the vendored sets (data/zeroshot)
 
 Writes `results.json` (metrics, resolved config, git SHA, versions, wall time) in the run dir.
 """

@@ -25,7 +25,7 @@ class EvalCfg:
     max_tokens: int = 4096   # first N tokens of each corpus (the 2-core CPU budget)
     batch_size: int = 8
     # false: documents with markup (<doc> lines, <|endoftext|>) removed, joined by blank lines.
-    # true: the file as it is on disk, special tokens parsed (how ASSETS.md's figures were taken).
+    # true: the file as it is on disk, special tokens parsed (how the reference figures in RESULTS.md were taken).
     raw_text: bool = False
     prompts: list[str] = field(default_factory=lambda: ["What is the capital of France?"])
     chat: bool = True

@@ -1,4 +1,4 @@
-"""Test environment: set before jax or wandb initialise (STACK.md)."""
+"""Test environment: set before jax or wandb initialise (docs/ARCHITECTURE.md, traps)."""
 import os
 import tempfile
 

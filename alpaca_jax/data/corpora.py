@@ -1,6 +1,6 @@
 """Plain-text corpora for perplexity and calibration, as lists of documents.
 
-Built-in names read the calibration texts that the `exllamav2` wheel ships (ASSETS.md) without
+Built-in names read the calibration texts that the `exllamav2` wheel ships (`requirements/assets.txt`) without
 importing it; a local file or a hub dataset name works the same way.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """How a stored weight becomes the weight a matmul uses (the `materialize` hook), and low-rank
 adapters (LoRA, DoRA) as the model computes with them.
 
-Adapters live in the params tree beside the weights they adapt (DESIGN.md, "Transforms"):
+Adapters live in the params tree beside the weights they adapt (docs/ARCHITECTURE.md, "The params tree"):
 
     params['layers']['lora'][target] = {
         'a': [L, in, r], 'b': [L, r, out],   # delta W = scale * a @ b  (kernels are [in, out])

@@ -1,7 +1,7 @@
 """The parameter pytree: a plain nested dict, per-layer weights stacked with the layer axis first.
 
 Kernels are stored `[in, out]` (x @ W), so HF's `[out, in]` torch weights are transposed on
-import. Layout (DESIGN.md):
+import. Layout (docs/ARCHITECTURE.md):
     embed [V, D]; layers: attn_norm [L, D], wq [L, D, Hq*Dh], wk/wv [L, D, Hkv*Dh],
     wo [L, Hq*Dh, D], mlp_norm [L, D], w_gate/w_up [L, D, F], w_down [L, F, D];
     final_norm [D]; lm_head [D, V] (absent when embeddings are tied).

@@ -1,8 +1,8 @@
 """Resumable training state on orbax `CheckpointManager`s: `latest/` (keep-N, async) for
 resuming, `best/` (keep 1) for the lowest validation loss.
 
-Resume policy for a corrupt or truncated latest step (orbax still lists it as the latest,
-STACK.md): warn loudly, name the step and the error, and fall back to the previous step; the
+Resume policy for a corrupt or truncated latest step (orbax still lists it as the latest;
+docs/ARCHITECTURE.md, traps): warn loudly, name the step and the error, and fall back to the previous step; the
 data order is a pure function of the step, so a fallback replays exactly. If no step restores,
 raise with every step's error. `fallbacks` records what was skipped for results.json."""
 from __future__ import annotations

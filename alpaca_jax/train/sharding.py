@@ -1,4 +1,4 @@
-"""One mesh with `data` and `fsdp` axes, Auto axis types (STACK.md: the Explicit default makes
+"""One mesh with `data` and `fsdp` axes, Auto axis types (docs/ARCHITECTURE.md, traps: the Explicit default makes
 `with_sharding_constraint` fail). Params are sharded over `fsdp` along their largest divisible
 axis; batches over both axes along the batch dimension."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Trainable/frozen as a split of the params tree (DESIGN.md). Gradients and optimizer state
-exist only for the trainable part; `optax.masked` would not freeze anything (STACK.md)."""
+"""Trainable/frozen as a split of the params tree (docs/ARCHITECTURE.md). Gradients and optimizer state
+exist only for the trainable part; `optax.masked` would not freeze anything (docs/ARCHITECTURE.md, traps)."""
 from __future__ import annotations
 
 from typing import Callable
