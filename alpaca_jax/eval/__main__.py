@@ -1,0 +1,11 @@
+"""lm-eval's own command line with the `alpaca_jax` model registered (lm-eval discovers models
+only among its own modules):
+
+    python -m alpaca_jax.eval run --model alpaca_jax --model_args source=smollm2-135m-instruct \
+        --tasks offline_zeroshot --include_path alpaca_jax/eval/tasks
+"""
+import alpaca_jax.eval.harness  # noqa: F401  (registers the model)
+from lm_eval.__main__ import cli_evaluate
+
+if __name__ == "__main__":
+    cli_evaluate()
