@@ -16,8 +16,9 @@ Requests are served as `HFLM` serves them, request by request: `loglikelihood` s
 tokens (the input left-truncated to `max_length + 1` tokens, as HFLM), `loglikelihood_rolling` uses
 lm-eval's rolling windows, and `generate_until` decodes with the compiled loop of
 `alpaca_jax.model.generate` and cuts at the `until` strings. Batches are length-sorted and padded
-to power-of-two lengths, so the forward compiles once per length bucket, not per request; inputs
+to a few bucket lengths, so the forward compiles once per bucket shape, not per request; inputs
 that are identical (a shared context with one-token answers such as boolq's no/yes) are run once.
+Length buckets are 32, 48, 64, 96, 128, ...; rows per batch a power of two up to `batch_size`.
 """
 from __future__ import annotations
 
@@ -63,8 +64,16 @@ def _score_rows(params, tokens_BxT, last_B, *, cfg, materialize):
 
 
 def _bucket(n: int, cap: int) -> int:
-    """The padded length of an n-token row: the next power of two (at least 32), at most cap."""
-    return min(cap, max(_MIN_BUCKET, 1 << (n - 1).bit_length()))
+    """The padded length of an n-token row: the next of 32, 48, 64, 96, 128, 192, ... (powers of
+    two and their 1.5x: at most a third of a row is padding), at most cap."""
+    p = max(_MIN_BUCKET, 1 << (n - 1).bit_length())
+    return min(cap, p * 3 // 4 if p * 3 // 4 >= max(n, _MIN_BUCKET) else p)
+
+
+def _rows(n: int) -> int:
+    """Rows of a batch holding n inputs: the next power of two, so a short last batch (or a
+    task with few distinct inputs) is not padded to the full batch size."""
+    return 1 << (n - 1).bit_length()
 
 
 def _parse_batch_size(batch_size) -> int:
@@ -240,8 +249,8 @@ class AlpacaJaxLM(TemplateLM):
         k = 0
         while k < len(order):
             T = _bucket(len(inputs[order[k]]), self.max_length)
-            rows = max(1, min(self.batch_size, _TOKENS_PER_BATCH // T))
-            batch = order[k:k + rows]
+            batch = order[k:k + max(1, min(self.batch_size, _TOKENS_PER_BATCH // T))]
+            rows = _rows(len(batch))
             toks = np.full((rows, T), self.pad_id, np.int32)
             last = np.zeros(rows, np.int32)
             for j, i in enumerate(batch):
