@@ -103,6 +103,10 @@ def check_settings(job: PipelineJob) -> list[str]:
             if key == "format" or getattr(q, key) not in ("auto", "none"):
                 parse_format(getattr(q, key))
     check_export_cfg(job.export)
+    if job.eval.tasks and ("baseline" in stages or "evaluate" in stages):
+        from alpaca_jax.eval.lm_tasks import resolve_tasks
+
+        resolve_tasks(job.eval.tasks, job.eval.include_path)   # names, task files, data
     return stages
 
 
