@@ -3,7 +3,9 @@ export: the same requests (built by lm-eval from the offline task YAMLs), the sa
 log-likelihoods within 1e-4, greedy flags, generations, and the same task metrics; the offline
 tasks' prompts; bad task names, files and records."""
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ import torch
 
 from alpaca_jax import load_gguf
 from alpaca_jax.eval.foundry import TaskDataError, read_records
-from alpaca_jax.eval.lm_tasks import OFFLINE, TASK_DIR, TaskError, resolve_tasks, run_tasks
+from alpaca_jax.eval.lm_tasks import (OFFLINE, TASK_DIR, TaskError, resolve_tasks, run_tasks,
+                                      task_manager)
 from alpaca_jax.paths import REPO_ROOT
 from gguf_reference import tiny_bpe_vocab, write_tiny_gguf
 from harness_reference import (compare_loglikelihood, generate_request, ll_request, pair,
@@ -105,31 +108,77 @@ def test_task_metrics_equal_hf(models):
                                        "output_type": "multiple_choice"}
 
 
-def test_offline_prompts_are_lm_evals(requests):
-    """The first record of each vendored set gives lm-eval's official request text."""
+def _official_requests(path: str, docs: list[dict]):
+    """The requests lm-eval's own task YAML (lm_eval/tasks/<path>) builds for `docs`, given in
+    that task's dataset schema (served locally in place of its Hub download)."""
+    import datasets
+    import lm_eval
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(Path(lm_eval.__file__).parent / "tasks" / path, resolve_func=True)
+    ds = datasets.Dataset.from_list(docs)
+    cfg["custom_dataset"] = lambda **_: datasets.DatasetDict(
+        {s: ds for s in ("train", "validation", "test")})
+    task = next(iter(task_manager((), defaults=False).load([cfg])["tasks"].values()))
+    task.build_all_requests(limit=None, rank=0, world_size=1)
+    return [r.args for r in task.instances]
+
+
+def _official_docs(name: str, n: int) -> list[dict]:
+    """The first n vendored records in the schema of lm-eval's own task (the inverse of how
+    llm-foundry wrote them)."""
+    recs = read_records(REPO_ROOT / "data" / "zeroshot" / f"{name}.jsonl")[1][:n]
+    if name == "piqa":      # query "Question: {goal}\n"
+        return [{"goal": r["query"][10:-1], "sol1": r["choices"][0], "sol2": r["choices"][1],
+                 "label": r["gold"]} for r in recs]
+    if name == "arc_easy":  # query "Question: {question}"
+        return [{"id": str(i), "question": r["query"][10:], "answerKey": "ABCDE"[r["gold"]],
+                 "choices": {"text": r["choices"], "label": list("ABCDE"[:len(r["choices"])])}}
+                for i, r in enumerate(recs)]
+    if name == "boolq":     # query "Passage: {passage}\nQuestion: {question}?"
+        return [dict(zip(("passage", "question"), r["query"][9:-1].rsplit("\nQuestion: ", 1)),
+                     label=r["gold"], idx=0) for r in recs]
+    if name == "copa":      # query "{premise without its period}, therefore|because"
+        return [{"premise": r["query"].rsplit(", ", 1)[0] + ".", "choice1": r["choices"][0],
+                 "choice2": r["choices"][1], "label": r["gold"], "idx": 0,
+                 "question": {"therefore": "effect", "because": "cause"}[
+                     r["query"].rsplit(", ", 1)[1]]} for r in recs]
+    if name == "winograd_wsc":   # contexts "{text before the pronoun}{option}"
+        out = []
+        for r in recs:
+            pre = os.path.commonprefix(r["context_options"])
+            pre = pre[:pre.rfind(" ") + 1]
+            out.append({"text": pre + "it " + r["continuation"], "pronoun": "it",
+                        "pronoun_loc": len(pre), "quote": "it", "quote_loc": len(pre),
+                        "options": [c[len(pre):] for c in r["context_options"]],
+                        "label": r["gold"], "source": ""})
+        return out
+    return [{"text": r["context"] + " " + r["continuation"]} for r in recs]   # lambada
+
+
+@pytest.mark.parametrize("ours, official, data", [
+    ("offline_piqa", "piqa/piqa.yaml", "piqa"),
+    ("offline_arc_easy", "arc/arc_easy.yaml", "arc_easy"),
+    ("offline_boolq", "super_glue/boolq/default.yaml", "boolq"),
+    ("offline_copa", "super_glue/copa/default.yaml", "copa"),
+    ("offline_wsc273", "wsc273/default.yaml", "winograd_wsc"),
+    ("offline_lambada_openai", "lambada/lambada_openai.yaml", "lambada_openai"),
+])
+def test_offline_tasks_build_the_official_tasks_requests(requests, ours, official, data):
+    """Our YAML over the llm-foundry record and lm-eval's own YAML (its prompt functions
+    included: copa's, wsc273's process_docs) over the same record in the official schema build
+    the same requests, character for character."""
+    got = [r.args for r in requests[ours]]
+    assert got and got == _official_requests(official, _official_docs(data, 3))
+
+
+def test_offline_prompts_read_as_lm_evals(requests):
     first = {n: [r.args for r in rs if r.doc_id == 0] for n, rs in requests.items()}
-    assert first["offline_piqa"][0] == (
-        "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:",
-        " Provide the guinea pig with a cage full of a few inches of bedding made of ripped "
-        "paper strips, you will also need to supply it with a water bottle and a food dish.")
-    assert first["offline_arc_easy"][0][0] == (
-        "Question: Which statement best explains why photosynthesis is the foundation of most "
-        "food webs?\nAnswer:")
-    ctx, cont = first["offline_boolq"][0]
-    assert ctx.startswith("All biomass goes through") and ctx.endswith(
-        "\nQuestion: does ethanol take more energy make that produces?\nAnswer:")
-    assert [c for _, c in first["offline_boolq"]] == [" no", " yes"]
-    assert first["offline_copa"] == [("The man turned on the faucet therefore",
-                                      "  the toilet filled with water."),
-                                     ("The man turned on the faucet therefore",
-                                      "  water flowed from the spout.")]
-    assert first["offline_wsc273"] == [
-        ("The city councilmen refused the demonstrators a permit because the city councilmen",
-         "  feared violence."),
-        ("The city councilmen refused the demonstrators a permit because the demonstrators",
-         "  feared violence.")]
-    ctx, cont = first["offline_lambada_openai"][0]
-    assert ctx.endswith("I don't care about") and cont == " signs"
+    assert first["offline_piqa"][0][0] == (
+        "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:")
+    assert first["offline_copa"][0] == ("The man turned on the faucet therefore",
+                                        "  the toilet filled with water.")
+    assert first["offline_lambada_openai"][0][1] == " signs"
 
 
 def test_unknown_task_is_named_before_any_model(tmp_path):

@@ -40,9 +40,8 @@ def test_requests_match_hf(models):
 
 def test_generate_until_equals_hf_greedy(models):
     ours, ref = models
-    reqs = [generate_request(p, until=["\n", "."], max_gen_toks=16, do_sample=False)
-            for p in ("The capital of France is", "Water boils at",
-                      "Question: What colour is the sky?\nAnswer:")]
+    reqs = [generate_request(p, until=["\n", "."], max_gen_toks=10, do_sample=False)
+            for p in ("The capital of France is", "Question: What colour is the sky?\nAnswer:")]
     got = ours.generate_until(reqs, disable_tqdm=True)
     assert got == ref.generate_until(reqs, disable_tqdm=True)
     assert "Paris" in got[0], got
