@@ -15,7 +15,7 @@ from alpaca_jax.paths import resolve_path
 @dataclass
 class Prepared:
     ppl_ids: dict = field(default_factory=dict)        # corpus name -> 1-D ids
-    tasks: object = None                               # harness_tasks.Resolved
+    tasks: object = None                               # alpaca_jax.eval.lm_tasks.Resolved
     harness: dict = field(default_factory=dict)        # lm-eval version, task versions, n-shot
     val_rows: object = None                            # PackedRows of held-out examples
     val_records: list = field(default_factory=list)    # for generations / exact match

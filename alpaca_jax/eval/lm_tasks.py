@@ -141,8 +141,13 @@ def run_tasks(lm, resolved: Resolved, *, limit=None, num_fewshot=None,
     """(metrics, provenance) of one model over the resolved tasks. Metrics are keyed by each
     task's official name (its `task_alias`: `piqa/acc_norm`, `piqa/acc_norm_stderr`), plus
     `zeroshot_avg`, the mean acc over the tasks that have one."""
+    import os
+
     import lm_eval
 
+    # lm-eval bootstraps non-mean stderrs (perplexity) in a forked process pool; a fork of a
+    # process running JAX's threads can deadlock (Python warns so), so it runs in-process
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
     out = lm_eval.simple_evaluate(model=lm, tasks=list(resolved.names),
                                   task_manager=resolved.manager, limit=limit,
                                   num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters,
