@@ -1,27 +1,38 @@
 """Ablation tables: rows grouped by facets (seeds pooled), each metric as mean ± std over the
-group, in Markdown or LaTeX (booktabs)."""
+group, in Markdown or LaTeX (booktabs); lm-eval task metrics with their standard error."""
 from __future__ import annotations
 
 import math
 import statistics
 
-# metric key -> (column title, format); keys are those of `collect.row_of`
+# metric key -> (column title, format); keys are those of `collect.row_of`. A task metric's
+# `<key>_stderr` (lm-eval's) is shown beside it when the runs have one.
+_PCT = lambda v: f"{100 * v:.1f}"  # noqa: E731
 METRICS = {
     "params": ("params (M)", lambda v: f"{v / 1e6:.1f}"),
     "ppl_wiki": ("wiki ppl", lambda v: f"{v:.2f}"),
     "ppl_tiny": ("tiny ppl", lambda v: f"{v:.2f}"),
     "val_loss": ("val loss", lambda v: f"{v:.4f}"),
-    "piqa/acc_norm": ("PIQA", lambda v: f"{100 * v:.1f}"),
-    "arc_easy/acc_norm": ("ARC-e", lambda v: f"{100 * v:.1f}"),
-    "boolq/acc": ("BoolQ", lambda v: f"{100 * v:.1f}"),
-    "copa/acc": ("COPA", lambda v: f"{100 * v:.1f}"),
-    "winograd_wsc/acc": ("WSC", lambda v: f"{100 * v:.1f}"),
-    "lambada_openai/acc": ("LAMBADA", lambda v: f"{100 * v:.1f}"),
-    "zeroshot_avg": ("0-shot avg", lambda v: f"{100 * v:.1f}"),
+    "piqa/acc": ("PIQA acc", _PCT),
+    "piqa/acc_norm": ("PIQA acc_norm", _PCT),
+    "arc_easy/acc": ("ARC-e acc", _PCT),
+    "arc_easy/acc_norm": ("ARC-e acc_norm", _PCT),
+    "boolq/acc": ("BoolQ", _PCT),
+    "copa/acc": ("COPA", _PCT),
+    "wsc273/acc": ("WSC273", _PCT),
+    "winograd_wsc/acc": ("WSC (pre-lm-eval)", _PCT),   # runs before the harness (issue 16)
+    "lambada_openai/acc": ("LAMBADA", _PCT),
+    "hellaswag/acc_norm": ("HellaSwag acc_norm", _PCT),          # the paper suite (eval=paper)
+    "winogrande/acc": ("WinoGrande", _PCT),
+    "arc_challenge/acc_norm": ("ARC-c acc_norm", _PCT),
+    "openbookqa/acc_norm": ("OBQA acc_norm", _PCT),
+    "zeroshot_avg": ("0-shot avg", _PCT),
     "file_mb": ("GGUF MiB", lambda v: f"{v:.1f}"),
     "gen_tok_s_1t": ("llama.cpp tok/s 1t", lambda v: f"{v:.0f}"),
     "gen_tok_s_2t": ("llama.cpp tok/s 2t", lambda v: f"{v:.0f}"),
 }
+STDERR_NOTE = ("Task columns: ± lm-eval's standard error for one run; over several seeds, "
+               "mean ± std over the seeds, the mean standard error in parentheses.")
 
 
 def _num(v):
@@ -49,15 +60,24 @@ def summarize(rows: list[dict], by: list[str], metrics: list[str]) -> list[dict]
                 continue
             std = statistics.stdev(vals) if len(vals) > 1 else None
             rec["stats"][metric] = (statistics.fmean(vals), std, len(vals))
+            ses = [m[f"{metric}_stderr"] for m in members if _num(m.get(f"{metric}_stderr"))]
+            if ses:
+                rec.setdefault("stderr", {})[metric] = statistics.fmean(ses)
         out.append(rec)
     return out
 
 
-def _cell(stat, fmt, pm: str) -> str:
+def _cell(stat, fmt, pm: str, se=None) -> str:
     if stat is None:
         return "-"
     mean, std, _ = stat
-    return fmt(mean) if std is None else f"{fmt(mean)} {pm} {fmt(std)}"
+    if std is None:
+        return fmt(mean) if se is None else f"{fmt(mean)} {pm} {fmt(se)}"
+    return f"{fmt(mean)} {pm} {fmt(std)}" + ("" if se is None else f" ({fmt(se)})")
+
+
+def _has_stderr(summary, metrics) -> bool:
+    return any(m in r.get("stderr", {}) for r in summary for m in metrics)
 
 
 def _present(summary, metrics):
@@ -71,11 +91,13 @@ def markdown(summary: list[dict], by: list[str], metrics: list[str], links=None)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary:
         cells = [str(r["key"][k]) for k in by] + [str(r["n"])]
-        cells += [_cell(r["stats"][m], METRICS.get(m, (m, lambda v: f"{v:.4g}"))[1], "±")
-                  for m in metrics]
+        cells += [_cell(r["stats"][m], METRICS.get(m, (m, lambda v: f"{v:.4g}"))[1], "±",
+                        r.get("stderr", {}).get(m)) for m in metrics]
         if links:
             cells.append(" ".join(links(p) for p in r["paths"]))
         lines.append("| " + " | ".join(cells) + " |")
+    if _has_stderr(summary, metrics):
+        lines += ["", STDERR_NOTE]
     return "\n".join(lines)
 
 
@@ -93,11 +115,12 @@ def latex(summary: list[dict], by: list[str], metrics: list[str], caption: str =
              " & ".join(head) + r" \\", r"\midrule"]
     for r in summary:
         cells = [_tex(r["key"][k]) for k in by] + [str(r["n"])]
-        cells += [_cell(r["stats"][m], METRICS.get(m, (m, lambda v: f"{v:.4g}"))[1], r"$\pm$")
-                  for m in metrics]
+        cells += [_cell(r["stats"][m], METRICS.get(m, (m, lambda v: f"{v:.4g}"))[1], r"$\pm$",
+                        r.get("stderr", {}).get(m)) for m in metrics]
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
-    if caption:
-        lines.append(rf"\caption{{{_tex(caption)}}}")
+    if caption or _has_stderr(summary, metrics):
+        note = STDERR_NOTE if _has_stderr(summary, metrics) else ""
+        lines.append(rf"\caption{{{_tex(' '.join(x for x in (caption, note) if x))}}}")
     lines.append(r"\end{table}")
     return "\n".join(lines)

@@ -103,6 +103,10 @@ def check_settings(job: PipelineJob) -> list[str]:
             if key == "format" or getattr(q, key) not in ("auto", "none"):
                 parse_format(getattr(q, key))
     check_export_cfg(job.export)
+    if job.eval.tasks and ("baseline" in stages or "evaluate" in stages):
+        from alpaca_jax.eval.lm_tasks import resolve_tasks
+
+        resolve_tasks(job.eval.tasks, job.eval.include_path)   # names, task files, data
     return stages
 
 
@@ -200,7 +204,7 @@ def run(job: PipelineJob, run_dir: Path, resolved: dict) -> dict:
     samples, timings, exports = {}, {}, {}
     transform, quant_formats, prune_record, adapter_dir = adapted, None, None, None
     finetune, train_res = "none", None
-    eval_fns = {}
+    eval_fns, harness = {}, {}
     qat = qc.method == "qat" and "quantize" in stages
 
     def quantizer(c):
@@ -214,8 +218,9 @@ def run(job: PipelineJob, run_dir: Path, resolved: dict) -> dict:
         if saved is None:
             m, s = evaluate_suite(params, cfg, tok, ev, prep, materialize=transform,
                                   eval_fn=eval_fns[key], batch_size=tc.eval_batch_size)
-            saved = {"metrics": m, "samples": s}
+            saved = {"metrics": m, "samples": s, "harness": prep.harness}
             store.save(tag, saved)
+        harness.update(saved.get("harness") or {})   # lm-eval version, task versions, n-shot
         metrics.update({f"{tag}/{k}": v for k, v in saved["metrics"].items()})
         samples[tag] = saved["samples"]
         wb.log({f"{tag}/{k}": v for k, v in saved["metrics"].items()
@@ -325,7 +330,7 @@ def run(job: PipelineJob, run_dir: Path, resolved: dict) -> dict:
     results = {
         "stage": "pipeline", "name": job.name, "facets": facets(job, stages, prune_record),
         "stages": stages, "stage_time_s": timings, "metrics": metrics, "samples": samples,
-        "exports": exports, "data": data_stats,
+        "exports": exports, "data": data_stats, "harness": harness or None,
         "history": train_res.history if train_res else [],
         "val_history": train_res.val_history if train_res else [],
         "resumed_from": train_res.resumed_from if train_res else None,

@@ -30,17 +30,23 @@ class EvalCfg:
     prompts: list[str] = field(default_factory=lambda: ["What is the capital of France?"])
     chat: bool = True
     max_new_tokens: int = 48
-    # llm-foundry JSONL files (multiple choice, schema, language modelling); relative paths are
-    # read from the repository root when they do not exist from the working directory
-    zeroshot: list[str] = field(default_factory=list)
-    zeroshot_limit: int | None = None   # the first N records of each file; None = all
-    zeroshot_batch_size: int = 8
+    # lm-evaluation-harness tasks, groups or tags, run by lm_eval.simple_evaluate through our
+    # model: the offline suite (alpaca_jax/eval/tasks/: offline_piqa ...; tag offline_zeroshot)
+    # or lm-eval's own names (eval=paper; those download their data from the Hub)
+    tasks: list[str] = field(default_factory=list)
+    task_limit: int | None = None       # lm-eval's limit: the first N documents of each task
+    num_fewshot: int | None = None      # None: each task's own (0 for all of ours)
+    task_batch_size: int = 8            # rows per padded forward
+    bootstrap_iters: int = 1000         # lm-eval's stderr of non-mean metrics (perplexity)
+    include_path: list[str] = field(default_factory=list)   # more folders of task YAMLs
     instruction_samples: int = 3        # pipeline: held-out prompts generated (exact match on
                                         # data=synthetic); the held-out loss uses all of them
 
 
 @dataclass
 class EvaluateJob:
+    # a finished finetune/prune run: evaluate its rebuilt final model (instead of model.source)
+    run_dir: str | None = None
     model: ModelSourceCfg = field(default_factory=ModelSourceCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
 

@@ -26,7 +26,8 @@ def test_evaluate_writes_results_json(tmp_path):
     proc = _run(f"model.source={tmp_path / 'tiny.gguf'}",
                 f"eval.corpora=[{tmp_path / 'corpus.txt'},{tmp_path / 'ids.npy'}]",
                 "eval.ctx_len=32", "eval.max_tokens=200", "eval.prompts=[hi]",
-                "eval.max_new_tokens=4", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+                "eval.max_new_tokens=4", "eval.tasks=[offline_copa]", "eval.task_limit=3",
+                f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((run_dir / "results.json").read_text())
     ppl = res["metrics"][f"ppl/{tmp_path / 'corpus.txt'}"]
@@ -34,6 +35,8 @@ def test_evaluate_writes_results_json(tmp_path):
     assert 1.0 < res["metrics"][f"ppl/{tmp_path / 'ids.npy'}"] < 1e4
     assert res["config"]["eval"]["ctx_len"] == 32
     assert res["git_sha"] and "jax" in res["versions"] and len(res["samples"]) == 1
+    assert 0 <= res["metrics"]["copa/acc"] <= 1 and res["metrics"]["copa/acc_stderr"] > 0
+    assert res["harness"]["tasks"]["copa"]["n"] == 3 and res["harness"]["limit"] == 3
 
 
 def test_typo_in_override_fails_before_compute(tmp_path):

@@ -19,7 +19,6 @@ from hf_reference import tiny_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, WANDB_MODE="disabled")
-ZS = "data/zeroshot"
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +33,8 @@ def _args(gguf):
             "data.cutoff_len=320", "data.seq_len=320", "train.steps=4", "train.batch_size=4",
             "train.eval_every=2", "train.save_every=2", "train.warmup_steps=1", "train.lr=3e-3",
             "logger=disabled", "eval.corpora=[wiki]", "eval.max_tokens=256", "eval.ctx_len=64",
-            f"eval.zeroshot=[{ZS}/copa.jsonl,{ZS}/winograd_wsc.jsonl,{ZS}/lambada_openai.jsonl]",
-            "eval.zeroshot_limit=8", "eval.instruction_samples=2", "eval.prompts=[hi]",
+            "eval.tasks=[offline_copa,offline_wsc273,offline_lambada_openai]",
+            "eval.task_limit=8", "eval.instruction_samples=2", "eval.prompts=[hi]",
             "eval.max_new_tokens=4", "peft.rank=4", "prune.calib=wiki", "prune.calib_len=32",
             "prune.calib_samples=4", "export.threads=[1]", "export.repeats=1",
             "export.gen_tokens=4", "export.prompt_tokens=16", "export.parity_tokens=32",
@@ -69,8 +68,8 @@ def test_a_sweep_runs_every_stage_and_the_analysis_tables_it(sweep, tmp_path):
         assert r["stage"] == "pipeline" and r["stages"] == [
             "baseline", "prune", "heal", "quantize", "evaluate", "export", "benchmark"]
         m = r["metrics"]
-        for key in ("baseline/ppl_wiki", "final/ppl_wiki", "final/copa/acc", "final/copa/acc_norm",
-                    "final/winograd_wsc/acc", "final/lambada_openai/acc", "final/val_loss",
+        for key in ("baseline/ppl_wiki", "final/ppl_wiki", "final/copa/acc", "final/copa/acc_stderr",
+                    "final/wsc273/acc", "final/lambada_openai/acc", "final/val_loss",
                     "final/exact_match", "heal/best_val_loss", "export/Q8_0/file_mb",
                     "bench/Q8_0/gen_tok_s_1t", "bench/jax_fp32/gen_tok_s"):
             assert key in m, key
@@ -79,6 +78,10 @@ def test_a_sweep_runs_every_stage_and_the_analysis_tables_it(sweep, tmp_path):
         # pruned run on an AVX2 CPU, KL 4e-6; tests/test_export.py checks the emulation itself)
         assert r["exports"]["Q8_0"]["parity"]["kl_mean"] < 1e-4
         assert r["facets"]["quant"] == "ptq_q8_0" and r["facets"]["heal"] == "lora"
+        h = r["harness"]                      # lm-eval's provenance beside the numbers
+        assert h["lm_eval_version"].startswith("0.4") and h["limit"] == 8
+        assert h["tasks"]["copa"] == {"task": "offline_copa", "version": 1.0, "n_shot": 0,
+                                      "n": 8, "n_total": 100, "output_type": "multiple_choice"}
     assert [r["facets"]["pruned_blocks"] for r in runs] == [0, 1]
     assert runs[1]["metrics"]["params"] < runs[0]["metrics"]["params"]
 
@@ -100,7 +103,8 @@ def test_a_sweep_runs_every_stage_and_the_analysis_tables_it(sweep, tmp_path):
         m = r["metrics"]
         assert cells["pruned_blocks"] == str(r["facets"]["pruned_blocks"])
         assert cells["wiki ppl"] == f"{m['final/ppl_wiki']:.2f}"
-        assert cells["COPA"] == f"{100 * m['final/copa/acc']:.1f}"
+        assert cells["COPA"] == (f"{100 * m['final/copa/acc']:.1f} ± "
+                                 f"{100 * m['final/copa/acc_stderr']:.1f}")
         assert cells["0-shot avg"] == f"{100 * m['final/zeroshot_avg']:.1f}"
         assert cells["params (M)"] == f"{m['params'] / 1e6:.1f}"
         assert cells["llama.cpp tok/s 1t"] == f"{m['bench/Q8_0/gen_tok_s_1t']:.0f}"
@@ -154,7 +158,7 @@ def test_heal_then_prune_is_rebuilt_in_that_order(tiny_gguf, tmp_path):
      "GGUF holds q8_0, q4_0, q4_1"),
     (["skip=[load]"], "load cannot be skipped"),
     (["-m", "prune.ratioo=0.1,0.2"], "Key 'ratioo' not in 'PruneCfg'"),  # a sweep's missing key
-    (["eval.zeroshot=[/nonexistent/x.jsonl]"], "no such zero-shot file"),
+    (["eval.include_path=[/nonexistent]"], "include_path /nonexistent: no such folder"),
 ])
 def test_bad_stage_orders_and_sweeps_fail_before_any_work(tiny_gguf, tmp_path, args, message):
     flags = [a for a in args if a == "-m"]            # Hydra wants -m before the overrides
@@ -188,6 +192,16 @@ def test_mean_and_std_over_seeds():
     assert "| ppl | 3 | 12.00 ± 2.00 |" in md and "| bi | 1 | 20.00 |" in md
     assert "COPA" not in md                       # a metric no run has is left out
     assert r"12.00 $\pm$ 2.00" in latex(summary, ["criterion"], ["ppl_wiki"])
+
+
+def test_task_accuracies_carry_their_stderr():
+    """One run: acc ± lm-eval's stderr; seeds: mean ± std over seeds (mean stderr)."""
+    rows = [{"path": "a", "criterion": "ppl", "copa/acc": 0.6, "copa/acc_stderr": 0.05},
+            {"path": "b", "criterion": "ppl", "copa/acc": 0.7, "copa/acc_stderr": 0.03},
+            {"path": "c", "criterion": "bi", "copa/acc": 0.5, "copa/acc_stderr": 0.04}]
+    md = markdown(summarize(rows, ["criterion"], ["copa/acc"]), ["criterion"], ["copa/acc"])
+    assert "| ppl | 2 | 65.0 ± 7.1 (4.0) |" in md and "| bi | 1 | 50.0 ± 4.0 |" in md
+    assert "standard error" in md
 
 
 def test_sections_are_replaced_in_place():

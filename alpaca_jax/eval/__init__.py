@@ -1,6 +1,6 @@
-"""Evaluation: perplexity (the protocol in perplexity.py) and zero-shot accuracy on
-llm-foundry's JSONL formats (zeroshot.py)."""
+"""Evaluation: perplexity on our corpora (perplexity.py, our documented protocol) and
+lm-evaluation-harness tasks through our model (harness.py, imported on demand: it imports lm_eval;
+the offline task YAMLs are in tasks/)."""
 from alpaca_jax.eval.perplexity import perplexity, token_nll
-from alpaca_jax.eval.zeroshot import zeroshot
 
-__all__ = ["perplexity", "token_nll", "zeroshot"]
+__all__ = ["perplexity", "token_nll"]
