@@ -43,8 +43,9 @@ def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
     for f in job.eval.zeroshot:
         tasks[Path(f).stem] = resolve_path(f)
         read_tasks(tasks[Path(f).stem], job.eval.zeroshot_limit)   # a malformed record fails here
-    params, cfg, tok = load_model(job.model.source)
-    cfg = cfg.replace(compute_dtype=job.model.compute_dtype, remat=job.model.remat)
+    params, cfg, tok = load_model(job.model.source, job.model.param_dtype)
+    cfg = cfg.replace(compute_dtype=job.model.compute_dtype, remat=job.model.remat,
+                      attention=job.model.attention)
     print(f"loaded {job.model.source}: {count_params(params) / 1e6:.1f}M parameters, "
           f"{cfg.num_layers} blocks", flush=True)
     metrics = {"params": count_params(params)}
