@@ -159,22 +159,39 @@ class _Entry:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
-def _quantized_rows(w, fmt: str, axis: int, chunk: int = 1 << 22) -> np.ndarray:
+def _chunks(w, out_axis: int, chunk: int = 1 << 20):
+    """`(a, b, w's output rows a:b)` of a 2-D weight, about `chunk` elements each, sliced on
+    the device: no host copy of the whole weight is made (converting a whole jax.Array with
+    `np.asarray` also caches that copy on the array, for as long as the params live)."""
+    n_out, n_in = w.shape[out_axis], w.shape[1 - out_axis]
+    step = max(1, chunk // n_in)
+    for a in range(0, n_out, step):
+        b = min(a + step, n_out)
+        yield a, b, (w[a:b] if out_axis == 0 else w[:, a:b])
+
+
+def _quantized_rows(w, fmt: str, axis: int, row_bytes: int) -> np.ndarray:
     """ggml block bytes `[out, row_bytes]` of one 2-D weight (`[in, out]` with axis -2, or the
     embedding `[V, D]` with axis -1), from the codes `quantize` gives: the function
-    `quantize_params` applies, with a leading axis of 1 so the program keeps its rank. Rows are
-    independent, so a large weight is quantized `chunk` elements of output rows at a time (its
-    float32 working copy would otherwise be twice a bf16 tensor)."""
+    `quantize_params` applies, with a leading axis of 1 so the program keeps its rank. Output
+    rows are independent, so the weight is quantized a chunk of rows at a time into the result
+    (a float32 working copy of a whole bf16 embedding would be twice its size)."""
     from alpaca_jax.quant.formats import to_ggml_bytes
 
     out_axis = 0 if axis == -1 else 1
-    n_out = w.shape[out_axis]
-    step = max(1, chunk // w.shape[1 - out_axis])
-    parts = []
-    for a in range(0, n_out, step):
-        part = w[a:a + step] if out_axis == 0 else w[:, a:a + step]
-        parts.append(to_ggml_bytes(_jitted_quantize()(part[None], fmt, axis))[0])
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    rows = np.empty((w.shape[out_axis], row_bytes), np.uint8)
+    for a, b, part in _chunks(w, out_axis):
+        rows[a:b] = to_ggml_bytes(_jitted_quantize()(part[None], fmt, axis))[0]
+    return rows
+
+
+def _float_rows(w, out_axis: int, dtype) -> np.ndarray:
+    """`[out, in]` host copy of a 2-D weight in `dtype`, converted a chunk at a time."""
+    res = np.empty((w.shape[out_axis], w.shape[1 - out_axis]), dtype)
+    for a, b, part in _chunks(w, out_axis):
+        p = np.asarray(part).astype(np.float32, copy=False)
+        res[a:b] = p if out_axis == 0 else p.T
+    return res
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,38 +214,36 @@ def _tensor_entries(params, cfg: ModelConfig, plan: dict) -> list[_Entry]:
         return _Entry(name, tuple(shape), np.dtype(np.float32), None,
                       lambda: np.ascontiguousarray(make(), np.float32))
 
-    def weight(gguf_name, key, make_in_out, shape_out_in, n_rope_heads=None):
-        """A float (F32/F16) or ggml-quantized tensor from the `[in, out]` weight
-        `make_in_out()` (for the embedding, `[V, D]` with blocks along D); q/k rows permuted for
+    def weight(gguf_name, key, get_in_out, shape_out_in, n_rope_heads=None):
+        """A float (F32/F16) or ggml-quantized tensor from the weight `get_in_out()` (a jax or
+        numpy array `[in, out]`; the embedding `[V, D]`, blocks along D); q/k rows permuted for
         llama.cpp's RoPE (a row permutation commutes with row-wise quantization)."""
         t = plan[key]
         out, inp = shape_out_in
+        out_axis = 0 if key == "embed" else 1
         if t.startswith("Q"):
             raw = gguf.GGMLQuantizationType[t]
             block, type_size = gguf.GGML_QUANT_SIZES[raw]
+            row_bytes = inp // block * type_size
 
             def make_q():
-                rows = _quantized_rows(make_in_out(), t.lower(), block_axis(key))
-                return np.ascontiguousarray(
-                    rows if n_rope_heads is None else permute_rope(rows, n_rope_heads))
-            return _Entry(gguf_name, (out, inp // block * type_size), np.dtype(np.uint8), raw,
-                          make_q)
+                rows = _quantized_rows(get_in_out(), t.lower(), block_axis(key), row_bytes)
+                return rows if n_rope_heads is None else np.ascontiguousarray(
+                    permute_rope(rows, n_rope_heads))
+            return _Entry(gguf_name, (out, row_bytes), np.dtype(np.uint8), raw, make_q)
         dt = np.dtype(np.float16 if t == "F16" else np.float32)
 
         def make_f():
-            w = np.asarray(make_in_out(), np.float32)
-            data = w if key == "embed" else w.T
-            if n_rope_heads is not None:
-                data = permute_rope(data, n_rope_heads)
-            return np.ascontiguousarray(data, dt)
+            data = _float_rows(get_in_out(), out_axis, dt)
+            return data if n_rope_heads is None else np.ascontiguousarray(
+                permute_rope(data, n_rope_heads))
         return _Entry(gguf_name, (out, inp), dt, None, make_f)
 
     D, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
-    entries = [weight("token_embd.weight", "embed", lambda: _host(params["embed"]), (V, D)),
+    entries = [weight("token_embd.weight", "embed", lambda: params["embed"], (V, D)),
                f32("output_norm.weight", lambda: _host(params["final_norm"]), (D,))]
     if not cfg.tie_embeddings:
-        entries.append(weight("output.weight", "lm_head", lambda: _host(params["lm_head"]),
-                              (V, D)))
+        entries.append(weight("output.weight", "lm_head", lambda: params["lm_head"], (V, D)))
     if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "llama3":
         entries.append(f32("rope_freqs.weight", lambda: llama3_rope_factors(cfg),
                            (cfg.head_dim // 2,)))
@@ -241,7 +256,7 @@ def _tensor_entries(params, cfg: ModelConfig, plan: dict) -> list[_Entry]:
         for k in LAYER_KERNELS:
             inp, out = tuple(np.shape(layers[k])[1:])
             entries.append(weight(f"blk.{i}.{_LAYER_NAMES[k]}.weight", f"layers/{k}",
-                                  lambda k=k, i=i: _host(layers[k][i]), (out, inp),
+                                  lambda k=k, i=i: layers[k][i], (out, inp),
                                   heads.get(k)))
     return entries
 
@@ -258,6 +273,6 @@ def _write_tensors(w, entries: list[_Entry]) -> None:
 
 
 def _host(x) -> np.ndarray:
-    """A host copy of one array. Layer slices are taken on the device first (`layers[k][i]`),
-    so no host copy of a whole stacked leaf is ever made."""
+    """A host copy of a norm vector (`[D]`: small, unlike the weights, which go through
+    `_chunks`)."""
     return np.asarray(x)

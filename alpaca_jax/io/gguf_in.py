@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from alpaca_jax.config import ModelConfig, RopeScaling
-from alpaca_jax.io.layout import assemble_params, param_dtype
+from alpaca_jax.io.layout import assemble_params, host_buffer, param_dtype
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 _LAYER_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
@@ -78,9 +78,11 @@ def config_from_gguf(f: dict, source: str) -> ModelConfig:
 
 
 def read_tensor(f, t, source: str) -> np.ndarray:
-    """One tensor dequantized to float32 `[out, in]`, read with a positioned read of its bytes:
+    """One tensor dequantized to float32 `[out, in]`, read in chunks of rows with plain reads:
     the reader's memory map is never touched, so read pages do not pile up in resident memory
-    (a map keeps them counted until it is closed: a second copy of the file)."""
+    (a map keeps them counted until it is closed: a second copy of the file), and the raw
+    blocks never coexist whole with their dequantized values. The result is an aligned buffer
+    that the loader can place without copying (`io/layout.py`)."""
     import gguf
 
     if t.tensor_type.name not in SUPPORTED_TYPES:
@@ -89,12 +91,18 @@ def read_tensor(f, t, source: str) -> np.ndarray:
     block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
     cols = int(t.shape[0])
     row_bytes = cols // block * type_size
-    raw = np.empty(int(t.n_bytes), np.uint8)
+    if int(t.n_bytes) % row_bytes:
+        raise ValueError(f"{source}: tensor {t.name!r} has {t.n_bytes} bytes, not whole rows")
+    n_rows = int(t.n_bytes) // row_bytes
+    out = host_buffer((n_rows, cols), np.float32)
+    step = max(1, (16 << 20) // row_bytes)          # about 16 MB of raw blocks per read
     f.seek(int(t.data_offset))
-    if f.readinto(memoryview(raw)) != raw.size or raw.size % row_bytes:
-        raise ValueError(f"{source}: tensor {t.name!r} is truncated")
-    arr = gguf.quants.dequantize(raw.reshape(-1, row_bytes), t.tensor_type)
-    return np.asarray(arr, np.float32).reshape(tuple(int(n) for n in reversed(t.shape)))
+    for a in range(0, n_rows, step):
+        raw = np.empty((min(step, n_rows - a), row_bytes), np.uint8)
+        if f.readinto(memoryview(raw).cast("B")) != raw.size:
+            raise ValueError(f"{source}: tensor {t.name!r} is truncated")
+        out[a:a + len(raw)] = gguf.quants.dequantize(raw, t.tensor_type)
+    return out.reshape(tuple(int(n) for n in reversed(t.shape)))
 
 
 def load_gguf(path, dtype=None, sharding=None):
@@ -136,7 +144,7 @@ def load_gguf(path, dtype=None, sharding=None):
     with open(path, "rb") as f:
         params = assemble_params(
             lambda n: None if n not in tensors else read_tensor(f, tensors[n], source),
-            cfg, names, source, fix=unpermute_qk, dtype=dtype, sharding=sharding)
+            cfg, names, source, fix=unpermute_qk, dtype=dtype, sharding=sharding, owned=True)
     del reader, tensors
     tokenizer = tokenizer_from_gguf_fields(fields, source)
     tokenizer.check_model(cfg, source)

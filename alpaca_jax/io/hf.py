@@ -220,7 +220,7 @@ def load_hf(path, dtype=None, sharding=None):
         dtype = checkpoint_dtype(files, str(path))
     dtype = param_dtype(dtype)       # a typo fails here, before any tensor is read
     params = assemble_params(lambda n: files[n].read(n) if n in files else None, cfg,
-                             _hf_names(), str(path), dtype=dtype, sharding=sharding)
+                             _hf_names(), str(path), dtype=dtype, sharding=sharding, owned=True)
     tokenizer = load_hf_tokenizer(path)
     if tokenizer is not None:
         tokenizer.check_model(cfg, source=str(path))

@@ -5,10 +5,11 @@ result on devices.
 
 Memory: a checkpoint is never held whole. Each stacked leaf is built by
 `jax.make_array_from_callback`, whose callback reads the layers a device's shard covers one
-tensor at a time, writing each (transposed, converted) into its slot of a preallocated buffer;
-the buffer goes to the device and is dropped before the next leaf. Host peak is therefore the
-params plus one stacked leaf (less when the sharding splits the layer axis), not the 3-4x of
-reading everything, stacking and upcasting.
+tensor at a time, writing each (transposed, converted) into its slot of a preallocated,
+64-byte-aligned buffer. On the CPU that buffer becomes the device array without a copy; on an
+accelerator it is copied over and dropped before the next leaf. Host peak is therefore the
+params plus one tensor on the CPU (plus one stacked leaf, or one shard of it, elsewhere), not
+the 3-4x of reading every shard, stacking and upcasting (RESULTS.md, "Memory").
 """
 from __future__ import annotations
 
@@ -34,6 +35,18 @@ def param_dtype(name) -> np.dtype:
     return np.dtype(PARAM_DTYPES[name])
 
 
+def host_buffer(shape, dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised host array whose data is `align`-byte aligned. XLA:CPU adopts such a
+    buffer as the device array instead of copying it (numpy's own allocations are only 16-byte
+    aligned), so placing a leaf on the CPU costs no second copy; on an accelerator the buffer
+    is copied to the device and freed."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + n].view(dtype).reshape(shape)
+
+
 def sharding_for(sharding, path: str, shape: tuple):
     """`sharding` is None (the first device), one Sharding for every leaf, or a function
     `(path, shape) -> Sharding` with paths such as "embed" and "layers/wq" (how a multi-device
@@ -46,18 +59,21 @@ def sharding_for(sharding, path: str, shape: tuple):
 
 
 def place(host: np.ndarray, path: str, sharding=None) -> jax.Array:
-    """One host array onto its sharding (each device gets its slice)."""
+    """One host array onto its sharding (each device gets its slice; zero-copy on the CPU when
+    `host` comes from `host_buffer`)."""
     s = sharding_for(sharding, path, host.shape)
     return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
 
 
 def assemble_params(read: Callable[[str], np.ndarray | None], cfg: ModelConfig, names: dict,
                     source: str, fix: Callable[[str, np.ndarray], np.ndarray] | None = None,
-                    dtype=np.float32, sharding=None) -> dict:
+                    dtype=np.float32, sharding=None, owned: bool = False) -> dict:
     """`read(name)` returns one tensor (any float dtype) or None; `names` holds `embed`,
     `final_norm`, `lm_head` and `layers: {ours: "template with {i}"}`; `fix(ours, w)` adjusts a
     layer weight in the checkpoint's layout (GGUF un-permutes q/k there). Returns jax arrays of
-    `dtype`, placed with `sharding` (see `sharding_for`)."""
+    `dtype`, placed with `sharding` (see `sharding_for`). `owned`: `read` returns fresh arrays
+    nobody else holds, so one that is already aligned and of `dtype` may become the device
+    array itself (a caller's array never does: mutating it would change the params)."""
     dtype = param_dtype(dtype)
 
     def get(name, shape):
@@ -78,7 +94,7 @@ def assemble_params(read: Callable[[str], np.ndarray | None], cfg: ModelConfig, 
 
         def fill(index):
             layers = range(L)[index[0]]
-            out = np.empty((len(layers), *per_layer), dtype)
+            out = host_buffer((len(layers), *per_layer), dtype)
             for j, i in enumerate(layers):
                 w = get(template.format(i=i), shapes[ours])
                 if fix is not None:
@@ -91,8 +107,13 @@ def assemble_params(read: Callable[[str], np.ndarray | None], cfg: ModelConfig, 
 
     def single(path, name, shape, transpose=False):
         w = get(name, shape)
-        host = np.ascontiguousarray(w.T if transpose else w, dtype=dtype)
-        return place(host, path, sharding)
+        w = w.T if transpose else w
+        if not (owned and w.dtype == dtype and w.flags.c_contiguous
+                and w.ctypes.data % 64 == 0):
+            host = host_buffer(w.shape, dtype)       # (already the buffer: placed as it is)
+            host[...] = w
+            w = host
+        return place(w, path, sharding)
 
     params = {"embed": single("embed", names["embed"], (V, D)),
               "layers": {ours: stacked(ours, t) for ours, t in names["layers"].items()},

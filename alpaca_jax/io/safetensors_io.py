@@ -18,6 +18,8 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
+from alpaca_jax.io.layout import host_buffer
+
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
           "BOOL": np.bool_}
@@ -62,7 +64,7 @@ class SafetensorsFile:
     def read(self, name: str) -> np.ndarray:
         h = self.header[name]
         start, end = h["data_offsets"]
-        out = np.empty(h["shape"], DTYPES[h["dtype"]])
+        out = host_buffer(h["shape"], DTYPES[h["dtype"]])     # aligned: placed without a copy
         with open(self.path, "rb") as f:
             f.seek(self.data_start + start)
             if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != end - start:
