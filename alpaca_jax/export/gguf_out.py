@@ -24,6 +24,7 @@ import numpy as np
 
 from alpaca_jax.config import ModelConfig
 from alpaca_jax.io.gguf_in import _LAYER_NAMES, permute_rope
+from alpaca_jax.io.layout import layer_slice
 from alpaca_jax.model.params import LAYER_KERNELS, LAYER_NORMS
 
 QTYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
@@ -159,15 +160,27 @@ class _Entry:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
-def _chunks(w, out_axis: int, chunk: int = 1 << 20):
-    """`(a, b, w's output rows a:b)` of a 2-D weight, about `chunk` elements each, sliced on
-    the device: no host copy of the whole weight is made (converting a whole jax.Array with
-    `np.asarray` also caches that copy on the array, for as long as the params live)."""
-    n_out, n_in = w.shape[out_axis], w.shape[1 - out_axis]
-    step = max(1, chunk // n_in)
-    for a in range(0, n_out, step):
-        b = min(a + step, n_out)
-        yield a, b, (w[a:b] if out_axis == 0 else w[:, a:b])
+def _chunks(w, out_axis: int, rows: int = 256):
+    """`(a, b, w's output rows a:b)` of a 2-D weight, `rows` output rows at a time, sliced on
+    the device: no host copy of the whole weight is made (`np.asarray` of a whole jax.Array also
+    caches that copy on the array, for as long as the params live). The start is a traced
+    operand, so each chunk shape compiles once, not once per offset."""
+    n_out = w.shape[out_axis]
+    for a in range(0, n_out, rows):
+        size = min(rows, n_out - a)
+        if size == n_out:
+            yield a, a + size, w
+        else:
+            yield a, a + size, _dynamic_slice(w, a, size, out_axis)
+
+
+def _dynamic_slice(w, start: int, size: int, axis: int):
+    import jax
+    import jax.numpy as jnp
+
+    if isinstance(w, np.ndarray):
+        return np.take(w, np.arange(start, start + size), axis=axis)
+    return jax.lax.dynamic_slice_in_dim(w, jnp.int32(start), size, axis)
 
 
 def _quantized_rows(w, fmt: str, axis: int, row_bytes: int) -> np.ndarray:
@@ -252,11 +265,11 @@ def _tensor_entries(params, cfg: ModelConfig, plan: dict) -> list[_Entry]:
     for i in range(L):
         for norm in LAYER_NORMS:
             entries.append(f32(f"blk.{i}.{_LAYER_NAMES[norm]}.weight",
-                               lambda n=norm, i=i: _host(layers[n][i]), (D,)))
+                               lambda n=norm, i=i: _host(layer_slice(layers[n], i)), (D,)))
         for k in LAYER_KERNELS:
             inp, out = tuple(np.shape(layers[k])[1:])
             entries.append(weight(f"blk.{i}.{_LAYER_NAMES[k]}.weight", f"layers/{k}",
-                                  lambda k=k, i=i: layers[k][i], (out, inp),
+                                  lambda k=k, i=i: layer_slice(layers[k], i), (out, inp),
                                   heads.get(k)))
     return entries
 

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from alpaca_jax.config import ModelConfig, RopeScaling
-from alpaca_jax.io.layout import assemble_params, param_dtype
+from alpaca_jax.io.layout import assemble_params, layer_slice, param_dtype
 from alpaca_jax.io.safetensors_io import FLOAT_NAMES, SafetensorsFile, write_streaming
 from alpaca_jax.model.params import check_params
 
@@ -153,8 +153,8 @@ def _hf_tensor_items(params: dict, cfg: ModelConfig):
         s = params["layers"][ours]
         kernel = s.ndim == 3
         for i in range(cfg.num_layers):
-            make = (lambda s=s, i=i: np.asarray(s[i]).T) if kernel else (
-                lambda s=s, i=i: np.asarray(s[i]))
+            make = (lambda s=s, i=i: np.asarray(layer_slice(s, i)).T) if kernel else (
+                lambda s=s, i=i: np.asarray(layer_slice(s, i)))
             items.append(item(f"model.layers.{i}.{hf_name}", s.shape[1:], s.dtype, make, kernel))
     if not cfg.tie_embeddings:
         head = params["lm_head"]

@@ -65,6 +65,14 @@ def place(host: np.ndarray, path: str, sharding=None) -> jax.Array:
     return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
 
 
+def layer_slice(stacked, i: int):
+    """Layer i of a stacked leaf, with a traced index: one program per leaf shape (`stacked[i]`
+    on a jax.Array compiles a slice per i), and no host copy of the other layers."""
+    if isinstance(stacked, np.ndarray):
+        return stacked[i]
+    return jax.lax.dynamic_index_in_dim(stacked, jax.numpy.int32(i), 0, keepdims=False)
+
+
 def assemble_params(read: Callable[[str], np.ndarray | None], cfg: ModelConfig, names: dict,
                     source: str, fix: Callable[[str, np.ndarray], np.ndarray] | None = None,
                     dtype=np.float32, sharding=None, owned: bool = False) -> dict:
