@@ -1,8 +1,8 @@
 """`ModelConfig`: the static description of a LLaMA-family decoder.
 
 Frozen (hashable), so it can be a static argument of `jax.jit`. It holds architecture plus
-the two numerics switches that change the compiled program (compute dtype, remat); parameter
-dtype is a property of the params pytree itself, chosen at init or load time.
+the switches that change the compiled program (compute dtype, remat policy, attention kernel);
+parameter dtype is a property of the params pytree itself, chosen at init or load time.
 """
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ from dataclasses import dataclass
 
 ROPE_SCALING_TYPES = ("linear", "llama3")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# What the backward pass keeps of each block (`model/remat.py`): `none` keeps every activation
+# autodiff wants; `block` recomputes the whole block (JAX's `nothing_saveable`); the others are
+# `jax.checkpoint_policies` of the same name (matmul outputs kept, in device or host memory).
+REMAT_POLICIES = ("none", "block", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "offload_dot_with_no_batch_dims")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,8 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     compute_dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"          # one of REMAT_POLICIES; True/False mean "block"/"none"
+    attention: str = "auto"      # auto: cuDNN on a GPU in bf16, XLA otherwise
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -77,6 +84,13 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.compute_dtype={self.compute_dtype!r}; supported: {COMPUTE_DTYPES}"
             )
+        if isinstance(self.remat, bool):    # the switch's earlier, boolean form
+            object.__setattr__(self, "remat", "block" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"ModelConfig.remat={self.remat!r}; supported: {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"ModelConfig.attention={self.attention!r}; supported: {ATTENTION_IMPLS}")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))

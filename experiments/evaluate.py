@@ -53,8 +53,9 @@ def run(job: EvaluateJob, run_dir: Path, resolved: dict) -> dict:
         params, cfg, tok, recipe = load_run_model(job.run_dir)
         materialize = _run_transform(recipe, cfg)
     else:
-        params, cfg, tok = load_model(job.model.source)
-    cfg = cfg.replace(compute_dtype=job.model.compute_dtype, remat=job.model.remat)
+        params, cfg, tok = load_model(job.model.source, job.model.param_dtype)
+    cfg = cfg.replace(compute_dtype=job.model.compute_dtype, remat=job.model.remat,
+                      attention=job.model.attention)
     print(f"loaded {job.run_dir or job.model.source}: {count_params(params) / 1e6:.1f}M "
           f"parameters, {cfg.num_layers} blocks", flush=True)
     metrics = {"params": count_params(params)}

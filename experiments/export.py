@@ -63,7 +63,7 @@ def _load(job: ExportJob):
 
     if job.run_dir is not None:
         return load_run_model(job.run_dir)
-    params, cfg, tok = load_model(job.model.source)
+    params, cfg, tok = load_model(job.model.source, job.model.param_dtype)
     recipe = {"base": job.model.source, "finetune": "none", "prune": None}
     if job.drop_blocks:      # bad indices: drop_layers names them, before any export work
         params, cfg = drop_layers(params, cfg, list(job.drop_blocks))

@@ -185,8 +185,9 @@ def run(job: FinetuneJob, run_dir: Path, resolved: dict) -> dict:
     records = load_instruction_records(d)              # bad data fails before the model loads
     train_rec, val_rec = split_records(records, d.val_size, d.split_seed)
     corpus = load_documents(resolve_path(ev.corpus))
-    params, cfg, tok = load_model(job.model.source)
-    cfg = cfg.replace(compute_dtype=job.model.compute_dtype, remat=job.model.remat)
+    params, cfg, tok = load_model(job.model.source, job.model.param_dtype)
+    cfg = cfg.replace(compute_dtype=job.model.compute_dtype, remat=job.model.remat,
+                      attention=job.model.attention)
     n_base = count_params(params)
     qc = job.quant
     if qc.method != "none":   # a tensor the format cannot take fails here, before any compute

@@ -185,8 +185,9 @@ def run(job: PipelineJob, run_dir: Path, resolved: dict) -> dict:
     d, ev, e, qc = job.data, job.eval, job.export, job.quant
     records = load_instruction_records(d)             # bad data fails before the model loads
     train_rec, val_rec = split_records(records, d.val_size, d.split_seed)
-    params, cfg, tok = load_model(job.model.source)
-    cfg = cfg.replace(compute_dtype=job.model.compute_dtype, remat=job.model.remat)
+    params, cfg, tok = load_model(job.model.source, job.model.param_dtype)
+    cfg = cfg.replace(compute_dtype=job.model.compute_dtype, remat=job.model.remat,
+                      attention=job.model.attention)
     if qc.method != "none":   # a tensor the format cannot take fails here, before any compute
         FakeQuant.from_spec(QuantSpec(qc.format, qc.embed, qc.head, qc.activations), cfg)
     train_rows, val_rows, data_stats = pack_instruction_data(d, tok, train_rec, val_rec)

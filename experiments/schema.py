@@ -14,8 +14,15 @@ from alpaca_jax.train.loop import TrainConfig
 @dataclass
 class ModelSourceCfg:
     source: str = "smollm2-135m-instruct"  # registered name, HF directory, .gguf, or hub id
-    compute_dtype: str = "float32"   # bfloat16: bf16 matmuls, params (master weights) stay fp32
-    remat: bool = False              # recompute each block in the backward pass (less memory)
+    # auto: the checkpoint's own float dtype (a bf16 checkpoint stays bf16; quantized GGUF
+    # tensors dequantize to float32); or float32 | bfloat16 | float16. Trainable leaves get
+    # float32 master copies whatever this is.
+    param_dtype: str = "auto"
+    compute_dtype: str = "float32"   # bfloat16: bf16 matmuls (weights cast per matmul)
+    # what the backward keeps of each block: block (recompute it; the training default),
+    # none, dots_saveable, dots_with_no_batch_dims_saveable, offload_dot_with_no_batch_dims
+    remat: str = "block"
+    attention: str = "auto"          # auto (cuDNN on a GPU in bf16, else XLA) | xla | cudnn
 
 
 @dataclass

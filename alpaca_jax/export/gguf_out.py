@@ -5,17 +5,26 @@ permuted into llama.cpp's interleaved RoPE layout, norms kept F32, quantized ten
 exactly the codes of `alpaca_jax.quant.quantize_params` (so a QAT model ships on the grid it was
 trained on), and the tokenizer embedded. The file is written beside its destination and renamed
 into place, so a failure never leaves a half-written GGUF.
+
+Streaming: the writer is told every tensor's name, shape and type first (header and tensor
+infos), then each tensor is quantized (one layer's slice) or converted, written and dropped
+in turn (`GGUFWriter.write_tensor_data`). Host memory is the params plus about one tensor, not
+a second copy of the model in its output format.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from alpaca_jax.config import ModelConfig
 from alpaca_jax.io.gguf_in import _LAYER_NAMES, permute_rope
+from alpaca_jax.io.layout import layer_slice
 from alpaca_jax.model.params import LAYER_KERNELS, LAYER_NORMS
 
 QTYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
@@ -64,35 +73,24 @@ def to_gguf(params: dict, cfg: ModelConfig, tokenizer, path, qtype: str = "Q8_0"
     tok_kv = tokenizer_kv(tokenizer, cfg)          # a tokenizer that cannot be embedded fails here
     plan = _tensor_plan(cfg, qtype)                # shapes the qtype cannot take fail here
     params = merge(params)
-    quantized = _quantized_bytes(params, cfg, qtype)
+    entries = _tensor_entries(params, cfg, plan)
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         w = gguf.GGUFWriter(str(tmp), "llama")
         _write_metadata(w, cfg, name, qtype, tok_kv)
-        _write_tensors(w, params, cfg, plan, quantized)
+        for e in entries:
+            w.add_tensor_info(e.name, e.shape, e.dtype, e.nbytes, raw_dtype=e.raw_dtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        _write_tensors(w, entries)
         w.close()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
-
-
-def _quantized_bytes(params, cfg, qtype: str) -> dict:
-    """ggml block bytes (rows `[..., out, row_bytes]`) of every quantized tensor, from the codes
-    `quantize_params` computes for the same spec the plan came from."""
-    if qtype in ("F32", "F16"):
-        return {}
-    from alpaca_jax.quant.formats import to_ggml_bytes
-    from alpaca_jax.quant.qat import quantize_params
-    from alpaca_jax.quant.spec import QuantSpec
-
-    codes = quantize_params(params, QuantSpec(qtype.lower()), cfg)
-    return {k: to_ggml_bytes(q) for k, q in codes.items()}
 
 
 def _write_metadata(w, cfg: ModelConfig, name: str, qtype: str, tok_kv: list) -> None:
@@ -147,37 +145,147 @@ def llama3_rope_factors(cfg: ModelConfig) -> np.ndarray:
     return np.asarray(out, np.float32)
 
 
-def _write_tensors(w, params, cfg: ModelConfig, plan: dict, quantized: dict) -> None:
+@dataclass(frozen=True)
+class _Entry:
+    """One output tensor: what the header announces, and how to make its bytes when its turn
+    comes (`shape` in numpy order: `[out, in]`, or `[out, row_bytes]` for ggml blocks)."""
+    name: str
+    shape: tuple
+    dtype: np.dtype
+    raw_dtype: object
+    produce: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _chunks(w, out_axis: int, rows: int = 256):
+    """`(a, b, w's output rows a:b)` of a 2-D weight, `rows` output rows at a time, sliced on
+    the device: no host copy of the whole weight is made (`np.asarray` of a whole jax.Array also
+    caches that copy on the array, for as long as the params live). The start is a traced
+    operand, so each chunk shape compiles once, not once per offset."""
+    n_out = w.shape[out_axis]
+    for a in range(0, n_out, rows):
+        size = min(rows, n_out - a)
+        if size == n_out:
+            yield a, a + size, w
+        else:
+            yield a, a + size, _dynamic_slice(w, a, size, out_axis)
+
+
+def _dynamic_slice(w, start: int, size: int, axis: int):
+    import jax
+    import jax.numpy as jnp
+
+    if isinstance(w, np.ndarray):
+        return np.take(w, np.arange(start, start + size), axis=axis)
+    return jax.lax.dynamic_slice_in_dim(w, jnp.int32(start), size, axis)
+
+
+def _quantized_rows(w, fmt: str, axis: int, row_bytes: int) -> np.ndarray:
+    """ggml block bytes `[out, row_bytes]` of one 2-D weight (`[in, out]` with axis -2, or the
+    embedding `[V, D]` with axis -1), from the codes `quantize` gives: the function
+    `quantize_params` applies, with a leading axis of 1 so the program keeps its rank. Output
+    rows are independent, so the weight is quantized a chunk of rows at a time into the result
+    (a float32 working copy of a whole bf16 embedding would be twice its size)."""
+    from alpaca_jax.quant.formats import to_ggml_bytes
+
+    out_axis = 0 if axis == -1 else 1
+    rows = np.empty((w.shape[out_axis], row_bytes), np.uint8)
+    for a, b, part in _chunks(w, out_axis):
+        rows[a:b] = to_ggml_bytes(_jitted_quantize()(part[None], fmt, axis))[0]
+    return rows
+
+
+def _float_rows(w, out_axis: int, dtype) -> np.ndarray:
+    """`[out, in]` host copy of a 2-D weight in `dtype`, converted a chunk at a time."""
+    res = np.empty((w.shape[out_axis], w.shape[1 - out_axis]), dtype)
+    for a, b, part in _chunks(w, out_axis):
+        p = np.asarray(part).astype(np.float32, copy=False)
+        res[a:b] = p if out_axis == 0 else p.T
+    return res
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_quantize():
+    """One jitted `quantize`, so each distinct weight shape compiles once per process."""
+    import jax
+
+    from alpaca_jax.quant.formats import quantize
+
+    return jax.jit(quantize, static_argnums=(1, 2))
+
+
+def _tensor_entries(params, cfg: ModelConfig, plan: dict) -> list[_Entry]:
+    """Every tensor of the file in order, each made lazily from one slice of `params`."""
     import gguf
 
-    def emit(gguf_name, key, weight_out_in=None, rows=None, n_rope_heads=None):
-        """A quantized tensor from its ggml rows, else the float weight `[out, in]`; q/k rows
-        permuted for llama.cpp's RoPE (a row permutation commutes with row-wise quantization)."""
-        t = plan[key]
-        data = rows if t.startswith("Q") else np.asarray(weight_out_in, np.float32)
-        if n_rope_heads is not None:
-            data = permute_rope(data, n_rope_heads)
-        if t.startswith("Q"):
-            w.add_tensor(gguf_name, np.ascontiguousarray(data),
-                         raw_dtype=gguf.GGMLQuantizationType[t])
-        else:
-            w.add_tensor(gguf_name, np.ascontiguousarray(data, np.float16 if t == "F16"
-                                                         else np.float32))
+    from alpaca_jax.quant.spec import block_axis
 
-    emit("token_embd.weight", "embed", params["embed"], quantized.get("embed"))
-    w.add_tensor("output_norm.weight", np.asarray(params["final_norm"], np.float32))
+    def f32(name, make, shape):
+        return _Entry(name, tuple(shape), np.dtype(np.float32), None,
+                      lambda: np.ascontiguousarray(make(), np.float32))
+
+    def weight(gguf_name, key, get_in_out, shape_out_in, n_rope_heads=None):
+        """A float (F32/F16) or ggml-quantized tensor from the weight `get_in_out()` (a jax or
+        numpy array `[in, out]`; the embedding `[V, D]`, blocks along D); q/k rows permuted for
+        llama.cpp's RoPE (a row permutation commutes with row-wise quantization)."""
+        t = plan[key]
+        out, inp = shape_out_in
+        out_axis = 0 if key == "embed" else 1
+        if t.startswith("Q"):
+            raw = gguf.GGMLQuantizationType[t]
+            block, type_size = gguf.GGML_QUANT_SIZES[raw]
+            row_bytes = inp // block * type_size
+
+            def make_q():
+                rows = _quantized_rows(get_in_out(), t.lower(), block_axis(key), row_bytes)
+                return rows if n_rope_heads is None else np.ascontiguousarray(
+                    permute_rope(rows, n_rope_heads))
+            return _Entry(gguf_name, (out, row_bytes), np.dtype(np.uint8), raw, make_q)
+        dt = np.dtype(np.float16 if t == "F16" else np.float32)
+
+        def make_f():
+            data = _float_rows(get_in_out(), out_axis, dt)
+            return data if n_rope_heads is None else np.ascontiguousarray(
+                permute_rope(data, n_rope_heads))
+        return _Entry(gguf_name, (out, inp), dt, None, make_f)
+
+    D, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
+    entries = [weight("token_embd.weight", "embed", lambda: params["embed"], (V, D)),
+               f32("output_norm.weight", lambda: _host(params["final_norm"]), (D,))]
     if not cfg.tie_embeddings:
-        emit("output.weight", "lm_head", np.asarray(params["lm_head"]).T, quantized.get("lm_head"))
+        entries.append(weight("output.weight", "lm_head", lambda: params["lm_head"], (V, D)))
     if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "llama3":
-        w.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg))
+        entries.append(f32("rope_freqs.weight", lambda: llama3_rope_factors(cfg),
+                           (cfg.head_dim // 2,)))
     heads = {"wq": cfg.num_heads, "wk": cfg.num_kv_heads}
     layers = params["layers"]
-    for i in range(cfg.num_layers):
+    for i in range(L):
         for norm in LAYER_NORMS:
-            w.add_tensor(f"blk.{i}.{_LAYER_NAMES[norm]}.weight",
-                         np.asarray(layers[norm][i], np.float32))
+            entries.append(f32(f"blk.{i}.{_LAYER_NAMES[norm]}.weight",
+                               lambda n=norm, i=i: _host(layer_slice(layers[n], i)), (D,)))
         for k in LAYER_KERNELS:
-            key = f"layers/{k}"
-            rows = quantized[key][i] if key in quantized else None
-            weight = None if rows is not None else np.asarray(layers[k][i]).T
-            emit(f"blk.{i}.{_LAYER_NAMES[k]}.weight", key, weight, rows, heads.get(k))
+            inp, out = tuple(np.shape(layers[k])[1:])
+            entries.append(weight(f"blk.{i}.{_LAYER_NAMES[k]}.weight", f"layers/{k}",
+                                  lambda k=k, i=i: layer_slice(layers[k], i), (out, inp),
+                                  heads.get(k)))
+    return entries
+
+
+def _write_tensors(w, entries: list[_Entry]) -> None:
+    """Each tensor made, written and dropped in turn: one tensor's bytes alive at a time."""
+    for e in entries:
+        data = e.produce()
+        if data.shape != e.shape or data.dtype != e.dtype:
+            raise AssertionError(f"{e.name}: produced {data.shape} {data.dtype}, "
+                                 f"announced {e.shape} {e.dtype}")
+        w.write_tensor_data(data)
+        del data
+
+
+def _host(x) -> np.ndarray:
+    """A host copy of a norm vector (`[D]`: small, unlike the weights, which go through
+    `_chunks`)."""
+    return np.asarray(x)

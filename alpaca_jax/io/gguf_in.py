@@ -6,11 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-import jax
-import jax.numpy as jnp
-
 from alpaca_jax.config import ModelConfig, RopeScaling
-from alpaca_jax.io.layout import assemble_params
+from alpaca_jax.io.layout import assemble_params, host_buffer, param_dtype
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 _LAYER_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
@@ -80,8 +77,39 @@ def config_from_gguf(f: dict, source: str) -> ModelConfig:
     )
 
 
-def load_gguf(path, dtype=np.float32):
-    """`(params, cfg, tokenizer)` from a llama GGUF file."""
+def read_tensor(f, t, source: str) -> np.ndarray:
+    """One tensor dequantized to float32 `[out, in]`, read in chunks of rows with plain reads:
+    the reader's memory map is never touched, so read pages do not pile up in resident memory
+    (a map keeps them counted until it is closed: a second copy of the file), and the raw
+    blocks never coexist whole with their dequantized values. The result is an aligned buffer
+    that the loader can place without copying (`io/layout.py`)."""
+    import gguf
+
+    if t.tensor_type.name not in SUPPORTED_TYPES:
+        raise ValueError(f"{source}: tensor {t.name!r} has type {t.tensor_type.name}; "
+                         f"supported: {', '.join(SUPPORTED_TYPES)}")
+    block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+    cols = int(t.shape[0])
+    row_bytes = cols // block * type_size
+    if int(t.n_bytes) % row_bytes:
+        raise ValueError(f"{source}: tensor {t.name!r} has {t.n_bytes} bytes, not whole rows")
+    n_rows = int(t.n_bytes) // row_bytes
+    out = host_buffer((n_rows, cols), np.float32)
+    step = max(1, (16 << 20) // row_bytes)          # about 16 MB of raw blocks per read
+    f.seek(int(t.data_offset))
+    for a in range(0, n_rows, step):
+        raw = np.empty((min(step, n_rows - a), row_bytes), np.uint8)
+        if f.readinto(memoryview(raw).cast("B")) != raw.size:
+            raise ValueError(f"{source}: tensor {t.name!r} is truncated")
+        out[a:a + len(raw)] = gguf.quants.dequantize(raw, t.tensor_type)
+    return out.reshape(tuple(int(n) for n in reversed(t.shape)))
+
+
+def load_gguf(path, dtype=None, sharding=None):
+    """`(params, cfg, tokenizer)` from a llama GGUF file. dtype: the params' dtype; None or
+    `auto` is float32, what quantized blocks dequantize to (a GGUF keeps its norms in F32 even
+    beside F16 or BF16 matrices, so no narrower type is the file's own). Tensors are dequantized one at a time straight
+    into their stacked destinations (`io/layout.py`), placed with `sharding`."""
     import gguf
 
     from alpaca_jax.tokenizer.load import tokenizer_from_gguf_fields
@@ -101,16 +129,7 @@ def load_gguf(path, dtype=np.float32):
                          "scaling) are not supported on GGUF import; load the HF checkpoint")
     cfg = config_from_gguf(fields, source)
     cfg = cfg.replace(tie_embeddings="output.weight" not in tensors)
-
-    def read(name):
-        t = tensors.get(name)
-        if t is None:
-            return None
-        if t.tensor_type.name not in SUPPORTED_TYPES:
-            raise ValueError(f"{source}: tensor {name!r} has type {t.tensor_type.name}; "
-                             f"supported: {', '.join(SUPPORTED_TYPES)}")
-        arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        return arr.reshape(tuple(int(n) for n in reversed(t.shape)))
+    dtype = param_dtype("float32" if dtype is None or dtype == "auto" else dtype)
 
     def unpermute_qk(ours, w):
         if ours == "wq":
@@ -122,8 +141,11 @@ def load_gguf(path, dtype=np.float32):
     names = {"embed": "token_embd.weight", "final_norm": "output_norm.weight",
              "lm_head": "output.weight",
              "layers": {ours: f"blk.{{i}}.{g}.weight" for ours, g in _LAYER_NAMES.items()}}
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype),
-                                    assemble_params(read, cfg, names, source, fix=unpermute_qk))
+    with open(path, "rb") as f:
+        params = assemble_params(
+            lambda n: None if n not in tensors else read_tensor(f, tensors[n], source),
+            cfg, names, source, fix=unpermute_qk, dtype=dtype, sharding=sharding, owned=True)
+    del reader, tensors
     tokenizer = tokenizer_from_gguf_fields(fields, source)
     tokenizer.check_model(cfg, source)
     return params, cfg, tokenizer

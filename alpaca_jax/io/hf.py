@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from alpaca_jax.config import ModelConfig, RopeScaling
-from alpaca_jax.io.layout import assemble_params
+from alpaca_jax.io.layout import assemble_params, layer_slice, param_dtype
+from alpaca_jax.io.safetensors_io import FLOAT_NAMES, SafetensorsFile, write_streaming
 from alpaca_jax.model.params import check_params
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -122,51 +122,92 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     return d
 
 
-def params_from_hf(tensors, cfg: ModelConfig, source: str = "checkpoint") -> dict:
-    """Build the params pytree from a name -> array mapping in HF naming and layout."""
-    names = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
-             "lm_head": "lm_head.weight",
-             "layers": {ours: f"model.layers.{{i}}.{hf}" for ours, hf in _LAYER_NAMES.items()}}
+def _hf_names() -> dict:
+    return {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
+            "lm_head": "lm_head.weight",
+            "layers": {ours: f"model.layers.{{i}}.{hf}" for ours, hf in _LAYER_NAMES.items()}}
+
+
+def params_from_hf(tensors, cfg: ModelConfig, source: str = "checkpoint", dtype=np.float32,
+                   sharding=None) -> dict:
+    """Build the params pytree (jax arrays of `dtype`) from a name -> array mapping in HF naming
+    and layout."""
     return assemble_params(lambda n: None if n not in tensors else np.asarray(tensors[n]),
-                           cfg, names, source)
+                           cfg, _hf_names(), source, dtype=dtype, sharding=sharding)
+
+
+def _hf_tensor_items(params: dict, cfg: ModelConfig):
+    """`(HF name, shape, dtype, producer)` in file order; each producer makes one `[out, in]`
+    numpy tensor in the params' own dtype when called, so a writer holds one tensor at a time."""
+    check_params(params, cfg)
+
+    def item(name, shape, dtype, make, transpose):
+        shape = tuple(shape)
+        return name, shape[::-1] if transpose else shape, np.dtype(dtype), make
+
+    embed, norm = params["embed"], params["final_norm"]
+    items = [item("model.embed_tokens.weight", embed.shape, embed.dtype,
+                  lambda: np.asarray(embed), False),
+             item("model.norm.weight", norm.shape, norm.dtype, lambda: np.asarray(norm), False)]
+    for ours, hf_name in _LAYER_NAMES.items():
+        s = params["layers"][ours]
+        kernel = s.ndim == 3
+        for i in range(cfg.num_layers):
+            make = (lambda s=s, i=i: np.asarray(layer_slice(s, i)).T) if kernel else (
+                lambda s=s, i=i: np.asarray(layer_slice(s, i)))
+            items.append(item(f"model.layers.{i}.{hf_name}", s.shape[1:], s.dtype, make, kernel))
+    if not cfg.tie_embeddings:
+        head = params["lm_head"]
+        items.append(item("lm_head.weight", head.shape, head.dtype,
+                          lambda: np.asarray(head).T, True))
+    return items
 
 
 def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    check_params(params, cfg)
-    out = {"model.embed_tokens.weight": np.asarray(params["embed"]),
-           "model.norm.weight": np.asarray(params["final_norm"])}
-    for ours, hf_name in _LAYER_NAMES.items():
-        stacked = np.asarray(params["layers"][ours])
-        for i in range(cfg.num_layers):
-            w = stacked[i].T if stacked.ndim == 3 else stacked[i]
-            out[f"model.layers.{i}.{hf_name}"] = np.ascontiguousarray(w)
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["lm_head"]).T)
-    return out
+    return {name: np.ascontiguousarray(make())
+            for name, _, _, make in _hf_tensor_items(params, cfg)}
 
 
-def read_safetensors_dir(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of `model.safetensors` or of the shards named in its index."""
-    from safetensors.numpy import load_file
-
+def checkpoint_files(path: Path) -> dict[str, SafetensorsFile]:
+    """tensor name -> the file holding it, for `model.safetensors` or the shards of its index;
+    headers only (no tensor data is read)."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
+        files = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    tensors = {}
+    out = {}
     for name in files:
-        try:
-            tensors.update(load_file(str(path / name)))
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(f"{path / name}: cannot read safetensors file ({e})") from e
-    return tensors
+        f = SafetensorsFile(path / name)
+        out.update({t: f for t in f.header})
+    return out
 
 
-def load_hf(path, dtype=np.float32):
-    """`(params, cfg, tokenizer)` from an HF model directory (tokenizer None if absent)."""
+def checkpoint_dtype(files: dict[str, SafetensorsFile], source: str) -> str:
+    """The float dtype holding most of the checkpoint's bytes (`bfloat16` for a bf16 release)."""
+    counts: dict[str, int] = {}
+    for f in set(files.values()):
+        for dt, n in f.dtype_bytes().items():
+            counts[dt] = counts.get(dt, 0) + n
+    floats = {FLOAT_NAMES[d]: n for d, n in counts.items() if d in FLOAT_NAMES}
+    if not floats:
+        raise ValueError(f"{source}: no floating-point tensors (dtypes {sorted(counts)})")
+    best = max(floats, key=floats.get)
+    return "float32" if best == "float64" else best
+
+
+def load_hf(path, dtype=None, sharding=None):
+    """`(params, cfg, tokenizer)` from an HF model directory (tokenizer None if absent).
+
+    dtype: the params' dtype (`float32`, `bfloat16`, `float16`); None or `auto` keeps the
+    checkpoint's own. Tensors are read one at a time into their stacked, placed destinations
+    (`io/layout.py`); `sharding` is passed through to the placement."""
     from alpaca_jax.tokenizer.load import load_hf_tokenizer
 
     path = Path(path)
@@ -174,9 +215,12 @@ def load_hf(path, dtype=np.float32):
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path}: not an HF model directory (no config.json)")
     cfg = config_from_hf(json.loads(cfg_file.read_text()), source=str(cfg_file))
-    tensors = read_safetensors_dir(path)
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype),
-                                    params_from_hf(tensors, cfg, source=str(path)))
+    files = checkpoint_files(path)
+    if dtype is None or dtype == "auto":
+        dtype = checkpoint_dtype(files, str(path))
+    dtype = param_dtype(dtype)       # a typo fails here, before any tensor is read
+    params = assemble_params(lambda n: files[n].read(n) if n in files else None, cfg,
+                             _hf_names(), str(path), dtype=dtype, sharding=sharding, owned=True)
     tokenizer = load_hf_tokenizer(path)
     if tokenizer is not None:
         tokenizer.check_model(cfg, source=str(path))
@@ -184,36 +228,41 @@ def load_hf(path, dtype=np.float32):
 
 
 def save_hf(params: dict, cfg: ModelConfig, tokenizer, path, max_shard_bytes: int = 2 << 30):
-    """Write `config.json`, fp32 safetensors (sharded above `max_shard_bytes`) and the
-    tokenizer, so that `transformers.AutoModelForCausalLM.from_pretrained(path)` loads it."""
-    from safetensors.numpy import save_file
-
+    """Write `config.json`, safetensors in the params' own dtype (bf16 stays bf16; sharded above
+    `max_shard_bytes`) and the tokenizer, so that
+    `transformers.AutoModelForCausalLM.from_pretrained(path)` loads it. Tensors are produced and
+    written one at a time (`io/safetensors_io.py`): host memory stays at one tensor."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if not os.access(path, os.W_OK):
         raise PermissionError(f"{path}: output directory is not writable")
-    tensors = {k: v.astype(np.float32) for k, v in params_to_hf(params, cfg).items()}
-    shards, current, size = [], {}, 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].nbytes
+    items = sorted(_hf_tensor_items(params, cfg), key=lambda it: it[0])
+    makers = {name: make for name, _, _, make in items}
+    specs = {name: (shape, dtype) for name, shape, dtype, _ in items}
+    shards, current, size = [], [], 0
+    for name in specs:
+        shape, dt = specs[name]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
         if current and size + nbytes > max_shard_bytes:
             shards.append(current)
-            current, size = {}, 0
-        current[name] = tensors[name]
+            current, size = [], 0
+        current.append(name)
         size += nbytes
     shards.append(current)
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata=meta)
-    else:
-        weight_map = {}
-        for n, shard in enumerate(shards, 1):
-            fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(path / fname), metadata=meta)
-            weight_map.update({k: fname for k in shard})
-        total = sum(t.nbytes for t in tensors.values())
+    fnames = (["model.safetensors"] if len(shards) == 1 else
+              [f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)])
+    total = 0
+    for fname, shard in zip(fnames, shards):
+        total += write_streaming(path / fname, [(n, *specs[n]) for n in shard],
+                                 lambda n: makers[n](), metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {n: fname for fname, shard in zip(fnames, shards) for n in shard}
         (path / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
+    dtypes = {np.dtype(dt).name for _, dt in specs.values()}
+    hf_cfg = config_to_hf(cfg)
+    hf_cfg["torch_dtype"] = "bfloat16" if "bfloat16" in dtypes else (
+        "float16" if "float16" in dtypes else "float32")
+    (path / "config.json").write_text(json.dumps(hf_cfg, indent=2))
     if tokenizer is not None:
         tokenizer.save_hf(path)

@@ -5,7 +5,6 @@ import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 
 @dataclass(frozen=True)
@@ -44,24 +43,28 @@ def resolve_registered(name: str) -> Path:
     return package_file(entry.package, entry.filename)
 
 
-def load_model(source, dtype=np.float32):
+def load_model(source, dtype=None, sharding=None):
     """`(params, cfg, tokenizer)` from a registered name, an HF directory, a GGUF file, or
-    (for users who can reach it) a Hugging Face Hub id such as `HuggingFaceTB/SmolLM2-135M`."""
+    (for users who can reach it) a Hugging Face Hub id such as `HuggingFaceTB/SmolLM2-135M`.
+
+    dtype: the params' dtype (`float32`, `bfloat16`, `float16`); None or `auto` keeps the
+    checkpoint's own (a bf16 release stays bf16; quantized GGUF tensors give float32).
+    sharding: where each leaf is placed (`io/layout.py`, `sharding_for`); None: one device."""
     from alpaca_jax.io.gguf_in import load_gguf
     from alpaca_jax.io.hf import load_hf
 
     source = str(source)
     if source in REGISTRY:
-        return load_gguf(resolve_registered(source), dtype)
+        return load_gguf(resolve_registered(source), dtype, sharding)
     path = Path(source).expanduser()
     if path.is_dir():
-        return load_hf(path, dtype)
+        return load_hf(path, dtype, sharding)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: a model file must be .gguf (or pass an HF directory)")
-        return load_gguf(path, dtype)
+        return load_gguf(path, dtype, sharding)
     if source.count("/") == 1 and not source.startswith((".", "/")) and not path.suffix:
-        return load_hf(_hub_snapshot(source), dtype)
+        return load_hf(_hub_snapshot(source), dtype, sharding)
     raise ValueError(f"unknown model {source!r}: not a registered name, an existing directory "
                      f"or a .gguf file. Registered names: {', '.join(sorted(REGISTRY))}")
 

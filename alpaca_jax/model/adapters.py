@@ -31,8 +31,33 @@ RNG = "rng"                  # per-block dropout key that `forward(rng=...)` put
 ADAPTER_WEIGHTS = ("a", "b", "m")   # trainable; 'scale' and 'dropout' are fixed settings
 
 
-def _matmul(x, w):
+def matmul(x, w):
+    """`x @ w` in x's dtype. When w is stored wider (fp32 master weights, bf16 compute) the cast
+    happens inside `_cast_matmul`, whose backward re-casts from the stored weight: autodiff of
+    `w.astype` would keep each layer's bf16 copy alive until the backward (0.5x the fp32 weights
+    in residuals, more once XLA hoists the casts out of the layer loop)."""
+    if w.dtype == x.dtype:
+        return jnp.einsum("...i,io->...o", x, w)
+    return _cast_matmul(x, w)
+
+
+@jax.custom_vjp
+def _cast_matmul(x, w):
     return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
+
+
+def _cast_matmul_fwd(x, w):
+    return _cast_matmul(x, w), (x, w)
+
+
+def _cast_matmul_bwd(res, g):
+    x, w = res
+    dx = jnp.einsum("...o,io->...i", g, w.astype(g.dtype))
+    dw = jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32)
+    return dx, dw.astype(w.dtype)
+
+
+_cast_matmul.defvjp(_cast_matmul_fwd, _cast_matmul_bwd)
 
 
 class Transform:
@@ -48,7 +73,7 @@ class Transform:
         return tree[name]
 
     def linear(self, x: jax.Array, tree: dict, name: str) -> jax.Array:
-        return _matmul(x, self.weight(tree, name))
+        return matmul(x, self.weight(tree, name))
 
     def tied_head(self, h: jax.Array, params: dict) -> jax.Array:
         """Logits through the tied embedding `[V, D]` (the head of tied models)."""
@@ -143,12 +168,12 @@ class Adapted(Transform):
     def linear(self, x, tree, name):
         w, ad = tree[name], adapter_of(tree, name)
         if ad is None:
-            return _matmul(x, w)
+            return matmul(x, w)
         xd = x
         if RNG in tree:
             key = jax.random.fold_in(tree[RNG], LAYER_KERNELS.index(name))
             xd = _dropout(x, ad["dropout"], key)
-        base = _matmul(x, w)
+        base = matmul(x, w)
         low = _lowrank(xd, ad["a"], ad["b"]) * ad["scale"].astype(x.dtype)
         if "m" not in ad:
             return base + low
@@ -156,7 +181,7 @@ class Adapted(Transform):
         if xd is x:
             return g * (base + low)
         # PEFT with dropout: x @ W + (g - 1) * (dropout(x) @ W) + g * lora(dropout(x))
-        return base + (g - 1) * _matmul(xd, w) + g * low
+        return base + (g - 1) * matmul(xd, w) + g * low
 
 
 adapted = Adapted()

@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from alpaca_jax.config import ModelConfig
-from alpaca_jax.model.adapters import RNG, Transform, adapted
+from alpaca_jax.model.adapters import RNG, Transform, adapted, matmul
+from alpaca_jax.model.attention import Mask, attention
+from alpaca_jax.model.remat import remat_block
 from alpaca_jax.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 
 Materialize = Callable[[dict, str], jax.Array]
-_MASKED = -1e30  # finite, so a row with every key masked (a left pad) stays NaN-free
 
 
 def identity(tree: dict, name: str) -> jax.Array:
@@ -36,23 +37,10 @@ def linear(x: jax.Array, tree: dict, name: str, materialize: Materialize) -> jax
     """x @ W_eff: the single place a weight meets an activation."""
     if isinstance(materialize, Transform):
         return materialize.linear(x, tree, name)
-    w = materialize(tree, name)
-    return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
+    return matmul(x, materialize(tree, name))
 
 
-def _attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, cfg: ModelConfig):
-    B, T, H, K = q_BxTxHxK.shape
-    G = cfg.num_kv_heads
-    q = q_BxTxHxK.reshape(B, T, G, H // G, K)  # query head h uses kv head h // (H // G), as HF
-    scores = jnp.einsum("btgrk,bsgk->bgrts", q, k_BxSxGxK).astype(jnp.float32)
-    scores = scores * (K ** -0.5)
-    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxK.dtype)
-    out = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxSxGxK)
-    return out.reshape(B, T, H * K)
-
-
-def block(h, lp, cos, sin, kv_BxSxGxK, write_at, mask_BxTxS, cfg, materialize):
+def block(h, lp, cos, sin, kv_BxSxGxK, write_at, mask: Mask, cfg, materialize):
     """One pre-norm decoder block. With a cache, the new k/v are written at `write_at` first."""
     B, T, _ = h.shape
     x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
@@ -66,7 +54,7 @@ def block(h, lp, cos, sin, kv_BxSxGxK, write_at, mask_BxTxS, cfg, materialize):
         k_cache, v_cache = kv_BxSxGxK
         k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_at, 0, 0))
         v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_at, 0, 0))
-    attn = _attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask_BxTxS, cfg)
+    attn = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, cfg.attention)
     h = h + linear(attn, lp, "wo", materialize)
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     gate = linear(x, lp, "w_gate", materialize)
@@ -76,15 +64,14 @@ def block(h, lp, cos, sin, kv_BxSxGxK, write_at, mask_BxTxS, cfg, materialize):
 
 
 def causal_inputs(B: int, T: int, positions=None, segment_ids=None):
-    """RoPE positions `[B, T]` and the causal (optionally per-segment) mask `[B, T, T]` of a
-    pass without a cache."""
-    t_idx = jnp.arange(T)
+    """RoPE positions `[B, T]` and the causal (optionally per-segment) `Mask` of a pass without
+    a cache; plain causal attention materialises no mask at all."""
     if positions is None:
-        positions = jnp.broadcast_to(t_idx, (B, T))
-    mask = jnp.broadcast_to(t_idx[None, :] <= t_idx[:, None], (B, T, T))
+        positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    allowed = None
     if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return positions, mask
+        allowed = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return positions, Mask(causal=True, allowed=allowed)
 
 
 def embed_tokens(params, tokens_BxT, cfg: ModelConfig,
@@ -144,8 +131,8 @@ def forward(params: dict, tokens_BxT: jax.Array, cfg: ModelConfig, *, positions=
         if positions is None:
             positions = jnp.maximum(q_slot[None, :] - start[:, None], 0)
         s_idx = jnp.arange(S)
-        mask = (s_idx[None, None, :] <= q_slot[None, :, None]) & (
-            s_idx[None, None, :] >= start[:, None, None])
+        mask = Mask(causal=False, allowed=(s_idx[None, None, :] <= q_slot[None, :, None]) & (
+            s_idx[None, None, :] >= start[:, None, None]))
         write_at = end
     cos, sin = rope_cos_sin(positions, inv_frequencies(cfg))
 
@@ -164,8 +151,7 @@ def forward(params: dict, tokens_BxT: jax.Array, cfg: ModelConfig, *, positions=
             vc = jax.lax.dynamic_update_index_in_dim(vc, v_all, i, 0)
         return (h, kc, vc), None
 
-    if cfg.remat:
-        body = jax.checkpoint(body)
+    body = remat_block(body, cfg.remat)
     kc, vc = (None, None) if cache is None else (cache["k"], cache["v"])
     (h, kc, vc), _ = jax.lax.scan(body, (h, kc, vc), (params["layers"], keep, jnp.arange(L)))
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from alpaca_jax.config import ModelConfig
-from alpaca_jax.model.adapters import Transform, adapted
+from alpaca_jax.model.adapters import Transform, adapted, matmul
 from alpaca_jax.peft.lora import merge
 from alpaca_jax.quant.formats import Quantized, fake_quant, fake_quant_activations, quantize
 from alpaca_jax.quant.spec import QuantSpec, block_axis, resolve
@@ -44,10 +44,16 @@ class FakeQuant(Transform):
         fmt = self._fmt(tree, name)
         if fmt is None:
             return self.inner.linear(x, tree, name)
+        # Rematerialised: the backward recomputes Q(W_eff) from the stored weight and adapters
+        # instead of keeping one fake-quantized copy (and the quantizer's intermediates) per
+        # layer alive from the forward; that made QAT + LoRA temporaries 3-4x LoRA's.
+        return jax.checkpoint(self._quantized_linear, static_argnums=(2,),
+                              policy=jax.checkpoint_policies.nothing_saveable)(x, tree, name)
+
+    def _quantized_linear(self, x, tree, name):
         if self.activations:
             x = fake_quant_activations(x)
-        w = self.weight(tree, name)
-        return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
+        return matmul(x, self.weight(tree, name))
 
     def tied_head(self, h, params):
         if self.activations and self._fmt(params, "embed") is not None:

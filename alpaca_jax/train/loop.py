@@ -72,6 +72,13 @@ def evaluate_loss(params, rows: PackedRows, eval_fn, batch_size: int) -> float:
     return total / max(count, 1.0)
 
 
+def master_copy(x):
+    """A float32 copy of a floating leaf (a plain copy of anything else)."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.float32:
+        return x.astype(jnp.float32)     # a new buffer already
+    return jnp.copy(x)
+
+
 def train(params, cfg, train_rows: PackedRows, val_rows: PackedRows | None, tc: TrainConfig,
           out_dir, *, trainable: Callable[[str], bool] = train_all, materialize=adapted,
           mesh=None, log: Callable[[dict], None] | None = None,
@@ -81,8 +88,10 @@ def train(params, cfg, train_rows: PackedRows, val_rows: PackedRows | None, tc: 
     trainable tree or the data, e.g. the adapter config)."""
     log = log or (lambda m: None)
     trainable_p, frozen = split(params, trainable)
-    # the step donates its trainable buffers; copy once so the caller's params stay alive
-    trainable_p = jax.tree_util.tree_map(jnp.copy, trainable_p)
+    # the step donates its trainable buffers; copy once so the caller's params stay alive. The
+    # copy is the float32 master copy: bf16/fp16 params train in fp32 (updates of ~lr * 1e-3
+    # vanish in bf16), while frozen leaves stay in their stored dtype.
+    trainable_p = jax.tree_util.tree_map(master_copy, trainable_p)
     if mesh is not None:
         trainable_p, frozen = shard_tree(trainable_p, mesh), shard_tree(frozen, mesh)
     optimizer, schedule = make_optimizer(tc.lr, tc.steps, tc.warmup_steps, tc.schedule,
