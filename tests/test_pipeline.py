@@ -20,6 +20,7 @@ from hf_reference import tiny_hf_model
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, WANDB_MODE="disabled")
 ZS = "data/zeroshot"
+KD = ["distill=kd_sft", "distill.tau=2.0", "distill.weight=0.7"]
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +55,10 @@ def _report(*args):
 
 @pytest.fixture(scope="module")
 def sweep(tiny_gguf, tmp_path_factory):
-    """`-m` over two pruning ratios, every stage: baseline, prune, heal (LoRA), quantize (PTQ
-    Q8_0), evaluate, export, benchmark."""
+    """`-m` over two pruning ratios, every stage: baseline, prune, heal (LoRA, by kd+sft from
+    the unpruned model), quantize (PTQ Q8_0), evaluate, export, benchmark."""
     d = tmp_path_factory.mktemp("sweep")
-    proc = _pipeline("-m", *_args(tiny_gguf), "quant=ptq_q8_0", "prune.ratio=0.0,0.25",
+    proc = _pipeline("-m", *_args(tiny_gguf), *KD, "quant=ptq_q8_0", "prune.ratio=0.0,0.25",
                      f"hydra.sweep.dir={d}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return d
@@ -76,6 +77,12 @@ def test_a_sweep_runs_every_stage_and_the_analysis_tables_it(sweep, tmp_path):
             assert key in m, key
         assert r["exports"]["Q8_0"]["parity"]["kl_mean"] < 1e-6   # the file is the JAX model
         assert r["facets"]["quant"] == "ptq_q8_0" and r["facets"]["heal"] == "lora"
+        assert r["facets"]["objective"] == "kd+sft"
+        assert r["recipe"]["objective"] == {"objective": "kd+sft", "tau": 2.0, "weight": 0.7,
+                                            "chunk": 0, "teacher": "stage:load",
+                                            "teacher_layers": 4, "teacher_dtype": "float32"}
+        for h in r["history"]:       # the step reports both terms; the loss is their mix
+            assert h["loss"] == pytest.approx(0.7 * h["kd"] + 0.3 * h["nll"], rel=1e-5)
     assert [r["facets"]["pruned_blocks"] for r in runs] == [0, 1]
     assert runs[1]["metrics"]["params"] < runs[0]["metrics"]["params"]
 
@@ -114,7 +121,7 @@ def test_a_sweep_runs_every_stage_and_the_analysis_tables_it(sweep, tmp_path):
 
 def test_a_rerun_resumes_every_stage(sweep, tiny_gguf):
     before = json.loads((sweep / "1" / "results.json").read_text())
-    proc = _pipeline(*_args(tiny_gguf), "quant=ptq_q8_0", "prune.ratio=0.25",
+    proc = _pipeline(*_args(tiny_gguf), *KD, "quant=ptq_q8_0", "prune.ratio=0.25",
                      f"hydra.run.dir={sweep / '1'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in ("baseline", "final", "export", "benchmark"):
@@ -152,6 +159,8 @@ def test_heal_then_prune_is_rebuilt_in_that_order(tiny_gguf, tmp_path):
     (["skip=[load]"], "load cannot be skipped"),
     (["-m", "prune.ratioo=0.1,0.2"], "Key 'ratioo' not in 'PruneCfg'"),  # a sweep's missing key
     (["eval.zeroshot=[/nonexistent/x.jsonl]"], "no such zero-shot file"),
+    (["distill=kd", "distill.teacher=/nonexistent/t.gguf"],
+     "distill.teacher='/nonexistent/t.gguf' cannot be loaded"),
 ])
 def test_bad_stage_orders_and_sweeps_fail_before_any_work(tiny_gguf, tmp_path, args, message):
     flags = [a for a in args if a == "-m"]            # Hydra wants -m before the overrides
