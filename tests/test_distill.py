@@ -187,6 +187,16 @@ def test_bad_objective_settings_are_named():
         with pytest.raises(ValueError, match=msg):
             check_distill(dc)
     check_distill(DistillConfig(objective="sft", tau=0.0))   # sft ignores the KD settings
+    from experiments.pipeline import check_settings
+    from experiments.schema import PipelineJob
+
+    job = PipelineJob(stages=["heal", "prune"],
+                      distill=DistillConfig(objective="kd", teacher="stage:prune"))
+    with pytest.raises(ValueError, match=r"stage:prune: stages=\['heal', 'prune'\] has no prune "
+                                         r"stage before heal"):
+        check_settings(job)
+    with pytest.raises(ValueError, match="distill.objective='kd-sft' is not one of"):
+        check_settings(PipelineJob(distill=DistillConfig(objective="kd-sft")))
     small = CFG3.replace(vocab_size=48)
     with pytest.raises(ValueError, match="distill.teacher=other: its vocabulary has 48 tokens, "
                                          "the student's 64"):

@@ -30,12 +30,13 @@ the teacher's transform is `adapted` (any adapters it holds, no quantizer).
 beside the student's (and their log-softmaxes in the backward). `chunk=0` (the default)
 materialises them whole; `chunk=C` runs both models only up to the final norm, then a scan over
 the sequence in C positions at a time computes both heads, the losses and (rematerialised in
-the backward) their gradients, so at most `[B, C, V]` logits exist at once. We default to the
-whole sequence because SmolLM2-135M at our training shape (8 x 256 tokens, V = 49,152: 0.4 GB
-per float32 logits tensor) fits easily on the CPU and on a GPU, and chunking recomputes both
-heads in the backward (the head is a quarter of SmolLM2's matmul FLOPs); set `chunk` (e.g. 128)
-for large vocabularies or long rows, where the pair would not fit. Both paths give the same
-loss and gradient (asserted).
+the backward) their gradients, so only `[B, C, V]` logits exist at once. At SmolLM2's training
+shape (8 x 256 tokens, V = 49,152: 384 MiB per float32 logits tensor) XLA allocates 1,590 MiB
+of temporaries for one micro-batch's KD gradient whole, 442 MiB with `chunk=64`
+(`benchmarks/bench_kd_memory.py`). We default to the whole sequence: that fits easily on the
+CPU and on a GPU, and chunking recomputes both heads in the backward (the head is a quarter of
+SmolLM2's matmul FLOPs). Set `chunk` (e.g. 64) for large vocabularies or long rows, where the
+pair would not fit. Both paths give the same loss and gradient as torch (tested).
 
 The held-out loss the loop reports stays the NLL whatever the objective, so runs with different
 objectives compare on one scale.
