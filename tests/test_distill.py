@@ -213,3 +213,14 @@ def test_a_bf16_student_gets_a_bf16_teacher():
     assert t.params["layers"]["wq"].dtype == jnp.bfloat16
     assert t.objective.teacher_cfg.compute_dtype == "bfloat16"
     assert t.record["teacher_dtype"] == "bfloat16" and t.record["teacher_layers"] == 3
+
+
+def test_runs_from_before_the_setting_read_as_sft_in_the_tables():
+    from analysis.collect import row_of
+
+    old = {"stage": "pipeline", "metrics": {}, "facets": {"heal": "lora", "quant": "none"}}
+    assert row_of(old, Path("a"))["objective"] == "sft"
+    unhealed = {"stage": "pipeline", "metrics": {}, "facets": {"heal": "none"}}
+    assert row_of(unhealed, Path("b"))["objective"] == "none"
+    new = {"stage": "pipeline", "metrics": {}, "facets": {"heal": "lora", "objective": "kd"}}
+    assert row_of(new, Path("c"))["objective"] == "kd"
