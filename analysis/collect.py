@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FACETS = ("experiment", "criterion", "pruned_blocks", "prune_ratio", "heal", "quant", "seed")
+FACETS = ("experiment", "criterion", "pruned_blocks", "prune_ratio", "heal", "objective", "quant",
+          "seed")
 
 
 class ResultsError(ValueError):
@@ -45,6 +46,9 @@ def row_of(res: dict, path: Path) -> dict:
     """One row: facets, the final evaluation's metrics (`final/`, else `after/`, `baseline/`,
     `before/`, with the prefix dropped), then every metric under its full name."""
     facets = res.get("facets") or _derived_facets(res)
+    if "objective" not in facets:   # runs from before the healing objective was a setting
+        healed = facets.get("heal", "none") != "none"
+        facets = {**facets, "objective": "sft" if healed else "none"}
     m = res["metrics"]
     row = {"path": str(path), "stage": res["stage"], "git_sha": res.get("git_sha", "unknown"),
            "finished": res.get("finished"), "machine": res.get("machine"), **facets}

@@ -8,7 +8,9 @@
 Stages (`stages=`, in the order listed; a stage left out is skipped; `load` is implicit):
   baseline   evaluate the loaded model (group `eval`)
   prune      score blocks and remove them (group `prune`; ratio 0 or criterion none: none)
-  heal       train (group `peft`: LoRA/DoRA adapters, `none` = full fine-tuning; `train`, `data`)
+  heal       train (group `peft`: LoRA/DoRA adapters, `none` = full fine-tuning; `train`, `data`;
+             `distill`: the objective, sft or distillation from a teacher, by default the model
+             before pruning)
   quantize   round the weights to `quant.format`: listed before heal it is QAT (heal trains
              through the quantizer, `quant=qat_*`), after heal or without it PTQ (`quant=ptq_*`)
   evaluate   evaluate the model as it now is
@@ -75,6 +77,7 @@ def check_stages(job: PipelineJob) -> list[str]:
                          f"quantize to one of them or export before quantize")
     unused = [g for g, st, on in (("prune", "prune", job.prune.criterion != "none"),
                                    ("peft/train", "heal", True),
+                                   ("distill", "heal", job.distill.objective != "sft"),
                                    ("quant", "quantize", q.method != "none"),
                                    ("export", "export", True)) if on and st not in pos]
     if unused:     # said, not silent: a group whose stage is not run does nothing
@@ -82,6 +85,10 @@ def check_stages(job: PipelineJob) -> list[str]:
               f"settings unused: {', '.join(unused)}", flush=True)
     if "heal" in pos and job.train.steps < 1:
         raise ValueError("stage heal needs train.steps >= 1")
+    if "heal" in pos and job.distill.objective != "sft" and \
+            job.distill.teacher == "stage:prune" and pos.get("prune", len(stages)) > pos["heal"]:
+        raise ValueError(f"distill.teacher=stage:prune: stages={stages} has no prune stage "
+                         f"before heal")
     return stages
 
 
@@ -91,7 +98,9 @@ def check_settings(job: PipelineJob) -> list[str]:
     from experiments.export import check_export_cfg
     from experiments.finetune import check_peft, check_prune
     from alpaca_jax.quant import parse_format
+    from alpaca_jax.train.distill import check_distill
 
+    check_distill(job.distill)
     stages = check_stages(job)
     check_peft(job.peft)
     check_prune(job.prune)
@@ -155,6 +164,7 @@ def facets(job: PipelineJob, stages: list[str], prune_record) -> dict:
                      "full" if job.peft.method == "none" else job.peft.method),
             "quant": ("none" if job.quant.method == "none" or "quantize" not in stages else
                       f"{job.quant.method}_{job.quant.format}"),
+            "objective": job.distill.objective if "heal" in stages else "none",
             "seed": job.seed}
 
 
@@ -174,6 +184,7 @@ def run(job: PipelineJob, run_dir: Path, resolved: dict) -> dict:
     from alpaca_jax.prune import drop_layers, n_blocks_for
     from alpaca_jax.quant import FakeQuant, QuantSpec
     from alpaca_jax.tracking import finish_run, start_run
+    from alpaca_jax.train.distill import check_teacher, load_teacher, make_teacher, teacher_stage
     from alpaca_jax.train.loop import train
     from alpaca_jax.train.split import split, train_all
     from alpaca_jax.train.step import make_eval_fn
@@ -190,6 +201,17 @@ def run(job: PipelineJob, run_dir: Path, resolved: dict) -> dict:
                       attention=job.model.attention)
     if qc.method != "none":   # a tensor the format cannot take fails here, before any compute
         FakeQuant.from_spec(QuantSpec(qc.format, qc.embed, qc.head, qc.activations), cfg)
+    dc = job.distill
+    distilling = "heal" in stages and dc.objective != "sft"
+    # the teacher: a stage's model (kept when that stage ends) or a model loaded now, so a
+    # teacher that cannot serve this student fails before any compute
+    teachers = {}
+    if distilling and teacher_stage(dc.teacher) is None:
+        t_params, t_cfg, t_tok = load_teacher(dc.teacher)
+        check_teacher(dc.teacher, t_cfg, t_tok, cfg, tok)
+        teachers[dc.teacher] = (t_params, t_cfg)
+    elif distilling and teacher_stage(dc.teacher) == "load":
+        teachers[dc.teacher] = (params, cfg)
     train_rows, val_rows, data_stats = pack_instruction_data(d, tok, train_rec, val_rec)
     prep = prepare(ev, tok, cfg.vocab_size, val_rows=val_rows, val_records=val_rec,
                    synthetic=d.source == "synthetic")
@@ -204,7 +226,7 @@ def run(job: PipelineJob, run_dir: Path, resolved: dict) -> dict:
     metrics = {"params_base": n_base}
     samples, timings, exports = {}, {}, {}
     transform, quant_formats, prune_record, adapter_dir = adapted, None, None, None
-    finetune, train_res = "none", None
+    finetune, train_res, teacher = "none", None, None
     eval_fns, harness = {}, {}
     qat = qc.method == "qat" and "quantize" in stages
 
@@ -246,11 +268,16 @@ def run(job: PipelineJob, run_dir: Path, resolved: dict) -> dict:
                 prune_record = prune_model(job.prune, job.model.source, params, cfg, tok,
                                            run_dir, upstream=upstream)
                 params, cfg = drop_layers(params, cfg, prune_record["pruned"])
+            if distilling and dc.teacher == "stage:prune":
+                teachers[dc.teacher] = (params, cfg)     # the pruned model, before healing
             print(f"[prune] removed {prune_record['pruned']}; {cfg.num_layers} blocks, "
                   f"{count_params(params) / 1e6:.1f}M parameters", flush=True)
         elif stage == "heal":
             upstream = store.advance("heal", {"peft": dataclasses.asdict(pc),
-                                              "train": dataclasses.asdict(tc)})
+                                              "train": dataclasses.asdict(tc),
+                                              **({"distill": dataclasses.asdict(dc)}
+                                                 if distilling else {})})
+            teacher = make_teacher(dc, *teachers[dc.teacher], cfg) if distilling else None
             trainable = train_all
             if pc.method != "none":
                 params = add_lora(params, cfg, jax.random.PRNGKey(pc.init_seed),
@@ -271,7 +298,7 @@ def run(job: PipelineJob, run_dir: Path, resolved: dict) -> dict:
             train_res = train(params, cfg, train_rows, val_rows, tc, run_dir, log=log,
                               trainable=trainable,
                               materialize=quantizer(cfg) if qat else transform,
-                              fingerprint={"upstream": upstream})
+                              fingerprint={"upstream": upstream}, teacher=teacher)
             bar.close()
             params = (train_res.best_params if train_res.best_params is not None
                       else train_res.params)
@@ -340,7 +367,9 @@ def run(job: PipelineJob, run_dir: Path, resolved: dict) -> dict:
                    "adapter": (adapter_summary(params) or None) if finetune != "none" else None,
                    "quant": None if quant_formats is None else {
                        **dataclasses.asdict(qc), "tensors": quant_formats},
-                   "train": dataclasses.asdict(tc) if "heal" in stages else None},
+                   "train": dataclasses.asdict(tc) if "heal" in stages else None,
+                   "objective": (None if "heal" not in stages else
+                                 teacher.record if teacher is not None else {"objective": "sft"})},
         "config": resolved, "git_sha": sha, "versions": versions(), "machine": machine(),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "wall_time_s": round(time.time() - t0, 1),

@@ -8,6 +8,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from alpaca_jax.tracking import LoggerConfig
+from alpaca_jax.train.distill import DistillConfig
 from alpaca_jax.train.loop import TrainConfig
 
 
@@ -185,6 +186,8 @@ class PipelineJob:
     data: DataCfg = field(default_factory=DataCfg)
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: PeftCfg = field(default_factory=PeftCfg)
+    # the heal stage's objective: sft | kd | kd+sft, the teacher, tau (train/distill.py)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     quant: QuantCfg = field(default_factory=QuantCfg)
     prune: PruneCfg = field(default_factory=PruneCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)

@@ -132,6 +132,8 @@ def test_a_rerun_resumes_every_stage(sweep, tiny_gguf):
 
 
 def test_heal_then_prune_is_rebuilt_in_that_order(tiny_gguf, tmp_path):
+    """Also the healing objective through the pipeline: kd+sft from the loaded model, recorded
+    in the recipe and the facets, both terms in the history."""
     from alpaca_jax import forward
     from alpaca_jax.export.runtime import llama_logits
     from alpaca_jax.io.run_model import load_run_model
@@ -139,8 +141,17 @@ def test_heal_then_prune_is_rebuilt_in_that_order(tiny_gguf, tmp_path):
     from test_forward_parity import assert_close_logits
 
     proc = _pipeline(*_args(tiny_gguf), "stages=[heal,prune,export]", "prune.ratio=0.25",
-                     "export.qtypes=[F32]", "export.prompts=[]", f"hydra.run.dir={tmp_path}")
+                     "export.qtypes=[F32]", "export.prompts=[]", "distill=kd_sft",
+                     "distill.tau=2.0", "distill.weight=0.7", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["facets"]["objective"] == "kd+sft"
+    assert res["recipe"]["objective"] == {"objective": "kd+sft", "tau": 2.0, "weight": 0.7,
+                                          "chunk": 0, "teacher": "stage:load",
+                                          "teacher_layers": 4, "teacher_dtype": "float32"}
+    for h in res["history"]:       # the step reports both terms; the loss is their mix
+        assert h["loss"] == pytest.approx(0.7 * h["kd"] + 0.3 * h["nll"], rel=1e-5)
+    assert res["history"][-1]["kd"] > 0      # the adapters moved away from the teacher
     params, cfg, _, recipe = load_run_model(tmp_path)
     assert recipe["order"] == ["heal", "prune", "export"] and cfg.num_layers == 3
     ids = list(range(3, 19))
@@ -159,6 +170,8 @@ def test_heal_then_prune_is_rebuilt_in_that_order(tiny_gguf, tmp_path):
     (["skip=[load]"], "load cannot be skipped"),
     (["-m", "prune.ratioo=0.1,0.2"], "Key 'ratioo' not in 'PruneCfg'"),  # a sweep's missing key
     (["eval.include_path=[/nonexistent]"], "include_path /nonexistent: no such folder"),
+    (["distill=kd", "distill.teacher=/nonexistent/t.gguf"],
+     "distill.teacher='/nonexistent/t.gguf' cannot be loaded"),
 ])
 def test_bad_stage_orders_and_sweeps_fail_before_any_work(tiny_gguf, tmp_path, args, message):
     flags = [a for a in args if a == "-m"]            # Hydra wants -m before the overrides

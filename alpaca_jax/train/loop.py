@@ -82,11 +82,15 @@ def master_copy(x):
 def train(params, cfg, train_rows: PackedRows, val_rows: PackedRows | None, tc: TrainConfig,
           out_dir, *, trainable: Callable[[str], bool] = train_all, materialize=adapted,
           mesh=None, log: Callable[[dict], None] | None = None,
-          fingerprint: dict | None = None) -> TrainResult:
+          fingerprint: dict | None = None, teacher=None) -> TrainResult:
     """Train the `trainable` part of `params`; resumes from `out_dir/checkpoints` when it holds a
     checkpoint of the same train config and `fingerprint` (anything else that shapes the
-    trainable tree or the data, e.g. the adapter config)."""
+    trainable tree or the data, e.g. the adapter config). `teacher` (`train/distill.py:
+    Teacher`) distils from it instead of the next-token loss; its record joins the fingerprint,
+    so a run is not resumed under another objective or teacher."""
     log = log or (lambda m: None)
+    if teacher is not None:
+        fingerprint = {**(fingerprint or {}), "distill": teacher.record}
     trainable_p, frozen = split(params, trainable)
     # the step donates its trainable buffers; copy once so the caller's params stay alive. The
     # copy is the float32 master copy: bf16/fp16 params train in fp32 (updates of ~lr * 1e-3
@@ -124,7 +128,10 @@ def train(params, cfg, train_rows: PackedRows, val_rows: PackedRows | None, tc: 
         result.resumed_from = start
     result.checkpoint_fallbacks = ckpt.fallbacks
 
-    step_fn = make_train_step(cfg, optimizer, materialize, seed=tc.seed)
+    step_fn = make_train_step(cfg, optimizer, materialize, seed=tc.seed,
+                              objective=None if teacher is None else teacher.objective)
+    teacher_p = None if teacher is None else (
+        teacher.params if mesh is None else shard_tree(teacher.params, mesh))
     eval_fn = make_eval_fn(cfg, materialize)
     rows_per_step = tc.batch_size * tc.accum_steps
     tokens_done, t_run = 0.0, None
@@ -143,7 +150,8 @@ def train(params, cfg, train_rows: PackedRows, val_rows: PackedRows | None, tc: 
             batch = shard_batch(batch, mesh)
         if t_run is None and step > start:
             t_run = time.perf_counter()  # throughput excludes the compiling first step
-        trainable_p, opt_state, m = step_fn(trainable_p, frozen, opt_state, batch, step)
+        trainable_p, opt_state, m = step_fn(trainable_p, frozen, opt_state, batch, step,
+                                            teacher_p)
         m = {k: float(v) for k, v in m.items()}
         if not m["finite"]:
             ckpt.wait()
@@ -154,7 +162,8 @@ def train(params, cfg, train_rows: PackedRows, val_rows: PackedRows | None, tc: 
         if t_run is not None:
             tokens_done += m["tokens"]
         entry = {"step": step + 1, "loss": m["loss"], "grad_norm": m["grad_norm"],
-                 "lr": float(schedule(step)), "tokens": m["tokens"]}
+                 "lr": float(schedule(step)), "tokens": m["tokens"],
+                 **{k: m[k] for k in ("nll", "kd") if k in m}}   # a distillation's two terms
         result.history.append(entry)
         log(entry)
         last = step + 1 == tc.steps

@@ -1,4 +1,5 @@
-"""The loss and the one jitted train step (gradient accumulation inside, by `lax.scan`)."""
+"""The loss and the one jitted train step (gradient accumulation inside, by `lax.scan`); a
+distillation objective (`train/distill.py`) replaces the loss, with the teacher a step argument."""
 from __future__ import annotations
 
 import jax
@@ -7,6 +8,7 @@ import optax
 
 from alpaca_jax.model.adapters import adapted
 from alpaca_jax.model.forward import forward, next_token_nll
+from alpaca_jax.train.distill import distill_sums, teacher_outputs
 from alpaca_jax.train.split import combine
 
 
@@ -22,34 +24,47 @@ def loss_sums(params, batch, cfg, materialize=adapted, rng=None):
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def make_train_step(cfg, optimizer, materialize=adapted, seed: int = 0):
-    """step(trainable, frozen, opt_state, batch, step_idx) with batch leaves `[accum, B, T]`;
-    the update uses the mean loss over all loss tokens of all micro-batches (exact accumulation).
-    A step whose loss or gradient is not finite changes nothing and reports `finite=False`.
+def make_train_step(cfg, optimizer, materialize=adapted, seed: int = 0, objective=None):
+    """step(trainable, frozen, opt_state, batch, step_idx, teacher=None) with batch leaves
+    `[accum, B, T]`; the update uses the mean loss over all loss tokens of all micro-batches
+    (exact accumulation). A step whose loss or gradient is not finite changes nothing and
+    reports `finite=False`. With a distillation `objective` (`train/distill.py: Objective`),
+    `teacher` is the frozen teacher's params and the metrics add the mean `nll` and `kd` terms.
 
     Randomness (adapter dropout) is keyed by `fold_in(fold_in(key(seed), step_idx), micro)`: a
     pure function of the step, so a resumed run draws the same masks with no RNG state saved."""
 
-    def micro_grads(trainable, frozen, mb, rng):
-        def f(t):
-            s, n = loss_sums(combine(t, frozen), mb, cfg, materialize, rng=rng)
-            return s, n
-        (s, n), g = jax.value_and_grad(f, has_aux=True)(trainable)
-        return s, n, g
+    def micro_grads(trainable, frozen, mb, rng, teacher):
+        if objective is None:
+            def f(t):
+                s, n = loss_sums(combine(t, frozen), mb, cfg, materialize, rng=rng)
+                return s, (n, {})
+        else:   # the teacher's forward stays outside the differentiated function
+            t_out = teacher_outputs(teacher, mb, objective)
 
-    def step(trainable, frozen, opt_state, batch, step_idx):
+            def f(t):
+                s, n, parts = distill_sums(combine(t, frozen), teacher, t_out, mb, cfg,
+                                           objective, materialize, rng=rng)
+                return s, (n, parts)
+        (s, (n, parts)), g = jax.value_and_grad(f, has_aux=True)(trainable)
+        return s, n, parts, g
+
+    def step(trainable, frozen, opt_state, batch, step_idx, teacher=None):
         step_key = jax.random.fold_in(jax.random.PRNGKey(seed), step_idx)
 
         def body(carry, xs):
             mb, micro = xs
-            s_acc, n_acc, g_acc = carry
-            s, n, g = micro_grads(trainable, frozen, mb, jax.random.fold_in(step_key, micro))
-            return (s_acc + s, n_acc + n, jax.tree_util.tree_map(jnp.add, g_acc, g)), None
+            s_acc, n_acc, p_acc, g_acc = carry
+            s, n, parts, g = micro_grads(trainable, frozen, mb,
+                                         jax.random.fold_in(step_key, micro), teacher)
+            return (s_acc + s, n_acc + n, jax.tree_util.tree_map(jnp.add, p_acc, parts),
+                    jax.tree_util.tree_map(jnp.add, g_acc, g)), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+        parts0 = {} if objective is None else {"nll": jnp.float32(0), "kd": jnp.float32(0)}
         accum = jax.tree_util.tree_leaves(batch)[0].shape[0]
-        (s, n, g), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros),
-                                    (batch, jnp.arange(accum)))
+        (s, n, parts, g), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), parts0, zeros),
+                                           (batch, jnp.arange(accum)))
         n = jnp.maximum(n, 1.0)
         grads = jax.tree_util.tree_map(lambda x: x / n, g)
         loss, gnorm = s / n, optax.tree.norm(grads)
@@ -58,7 +73,8 @@ def make_train_step(cfg, optimizer, materialize=adapted, seed: int = 0):
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
             lambda a, b: jnp.where(finite, a, b), new, old)
-        metrics = {"loss": loss, "grad_norm": gnorm, "tokens": n, "finite": finite}
+        metrics = {"loss": loss, "grad_norm": gnorm, "tokens": n, "finite": finite,
+                   **{k: v / n for k, v in parts.items()}}
         return keep(new_trainable, trainable), keep(new_opt, opt_state), metrics
 
     return jax.jit(step, donate_argnums=(0, 2))
