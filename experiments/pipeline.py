@@ -99,9 +99,13 @@ def check_settings(job: PipelineJob) -> list[str]:
     from experiments.finetune import check_peft, check_prune
     from alpaca_jax.quant import parse_format
     from alpaca_jax.train.distill import check_distill
+    from alpaca_jax.train.optim import make_schedule
 
     check_distill(job.distill)
     stages = check_stages(job)
+    if "heal" in stages:   # the schedule's own checks (warmup within steps, ...), before any work
+        t = job.train
+        make_schedule(t.lr, t.steps, t.warmup_steps, t.schedule, t.min_lr_ratio)
     check_peft(job.peft)
     check_prune(job.prune)
     q = job.quant
