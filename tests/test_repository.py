@@ -2,7 +2,6 @@
 beside a developer's checkout (a user's clone has nothing beside it), and the default data the
 configs name is in the clone."""
 import subprocess
-from pathlib import Path
 
 import yaml
 
