@@ -35,9 +35,14 @@ def main():
     ap.add_argument("--out", default=None, help="keep the GGUFs and results.json here")
     args = ap.parse_args()
 
-    from experiments.export import run, table
-    from experiments.schema import ExportCfg, ExportJob, ModelSourceCfg
+    from alpaca_jax.export.report import table
     from alpaca_jax.provenance import git_sha, machine
+    from alpaca_jax.recipe import run
+    from alpaca_jax.recipe.settings import ExportCfg, Job, LoggerConfig, ModelSourceCfg
+
+    def ExportJob(**kw):      # the export preset (conf/export.yaml)
+        return Job(stages=["export", "benchmark"], name="export",
+                   logger=LoggerConfig(mode="disabled"), **kw)
 
     m = machine()
     print(f"commit={git_sha()} machine={m}")
@@ -56,8 +61,9 @@ def main():
     print("\n# Summary")
     for name, res in results.items():
         mt = res["metrics"]
-        print(f"\n## {name}: {mt['params'] / 1e6:.1f}M parameters, {mt['blocks']} blocks; copy "
-              f"bandwidth {mt['copy_gb_s_1t']:.1f} GB/s (1 thread), {mt['copy_gb_s_2t']:.1f} "
+        print(f"\n## {name}: {mt['params'] / 1e6:.1f}M parameters; copy "
+              f"bandwidth {mt['bench/copy_gb_s_1t']:.1f} GB/s (1 thread), "
+              f"{mt['bench/copy_gb_s_2t']:.1f} "
               f"GB/s (2 threads)\n")
         print(table(res))
     print(f"\nfiles and results.json under {out_root}")

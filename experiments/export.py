@@ -1,274 +1,30 @@
-"""Export a model to GGUF and check and time it in llama.cpp (the CPU int8 runtime).
+"""Export a model to GGUF and check and time it in llama.cpp: the recipe run under the
+`export` preset (conf/export.yaml: stages export, benchmark).
 
     python experiments/export.py                                  # SmolLM2: F16, Q8_0, Q4_0
-    python experiments/export.py run_dir=<a finetune/prune run>   # that run's final model
+    python experiments/export.py run_dir=<a finished run>         # that run's final model
     python experiments/export.py drop_blocks=[3,5,12,13,14,17]    # SmolLM2 without 6 blocks
     python experiments/export.py export=q8_0 export.bench=false   # one file, parity checks only
 
-For each qtype, into the run dir: `model-<qtype>.gguf`; its size and the bytes a decode step
-reads; parity against the JAX model over `export.parity_tokens` wiki tokens (KL per position,
-argmax agreement, perplexity on both sides; the reference for Q8_0/Q4_0 is the JAX fake-quant
-model with llama.cpp's activation rounding, for F16/F32 the float model); greedy answers to
-`export.prompts` in llama.cpp and in JAX; prompt and generation tokens/s and peak RSS in
-llama.cpp at each of `export.threads`, beside the memory-bandwidth bound (measured copy
-bandwidth / bytes per token) and the JAX fp32 model's generation tokens/s. All in results.json
-(stage "export"); a table is printed at the end.
+For each qtype, into the run dir: `model-<qtype>.gguf`, its parity against the JAX model, greedy
+answers on both sides, tokens/s and peak RSS in llama.cpp beside the bandwidth bound
+(`alpaca_jax/export/report.py`); a table is printed at the end.
 """
-from __future__ import annotations
-
-import statistics
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments.app import hydra_app  # noqa: E402
-from experiments.schema import ExportJob  # noqa: E402
 
 
-def check_export(job: ExportJob) -> None:
-    """Bad settings fail here, before any model is loaded."""
-    from alpaca_jax.io.run_model import run_recipe
+def _table(results):
+    from alpaca_jax.export.report import table
 
-    check_export_cfg(job.export)
-    if job.run_dir is not None:
-        if job.drop_blocks:
-            raise ValueError("drop_blocks applies to model.source; a run's recipe already lists "
-                             "the blocks it removed")
-        run_recipe(job.run_dir)      # a missing or malformed results.json fails here
-
-
-def check_export_cfg(e) -> None:
-    from alpaca_jax.export import QTYPES
-
-    if not e.qtypes:
-        raise ValueError("export.qtypes is empty; give at least one of " + ", ".join(QTYPES))
-    for q in e.qtypes:
-        if str(q).upper() not in QTYPES:
-            raise ValueError(f"export.qtypes: {q!r} is not one of {', '.join(QTYPES)}")
-    if any(t < 1 for t in e.threads) or (e.bench and not e.threads):
-        raise ValueError(f"export.threads must be a non-empty list of counts >= 1, got {e.threads}")
-    for key in ("prompt_tokens", "gen_tokens", "repeats", "max_new_tokens"):
-        if getattr(e, key) < 1:
-            raise ValueError(f"export.{key} must be >= 1, got {getattr(e, key)}")
-    if e.parity_tokens < 0:
-        raise ValueError(f"export.parity_tokens must be >= 0, got {e.parity_tokens}")
-
-
-def _load(job: ExportJob):
-    from alpaca_jax import load_model
-    from alpaca_jax.io.run_model import load_run_model
-    from alpaca_jax.prune import drop_layers
-
-    if job.run_dir is not None:
-        return load_run_model(job.run_dir)
-    params, cfg, tok = load_model(job.model.source, job.model.param_dtype)
-    recipe = {"base": job.model.source, "finetune": "none", "prune": None}
-    if job.drop_blocks:      # bad indices: drop_layers names them, before any export work
-        params, cfg = drop_layers(params, cfg, list(job.drop_blocks))
-        recipe["prune"] = {"pruned": sorted(job.drop_blocks), "criterion": "given"}
-    return params, cfg, tok, recipe
-
-
-def _reference(qtype: str, cfg):
-    """The JAX model a llama.cpp file of `qtype` should reproduce: float for F32/F16, else the
-    fake-quant weights with llama.cpp's 8-bit activation blocks."""
-    from alpaca_jax.quant import FakeQuant, QuantSpec
-
-    if qtype in ("F32", "F16"):
-        return None
-    return FakeQuant.from_spec(QuantSpec(qtype.lower(), activations=True), cfg)
-
-
-def _qat_grid(recipe: dict, qtype: str, cfg) -> bool | None:
-    """For a QAT run: does the file's quantization plan equal the grid it was trained on?"""
-    from alpaca_jax.export.gguf_out import _tensor_plan
-
-    quant = recipe.get("quant")
-    if not quant or quant.get("method") != "qat":
-        return None
-    trained = {k: v.upper() for k, v in (quant.get("tensors") or {}).items()}
-    plan = {k: v for k, v in _tensor_plan(cfg, qtype).items() if v not in ("F16", "F32")}
-    return plan == trained
-
-
-def jax_generation_tok_s(params, cfg, prompt, n_gen, repeats) -> float:
-    """Greedy decode tokens/s of the JAX fp32 model, batch 1: (n_gen - 1) steps over the time
-    difference of n_gen and 1 new tokens, so prefill is not counted (as llama.cpp's figure)."""
-    from alpaca_jax import generate_ids
-
-    def timed(n):
-        generate_ids(params, cfg, [prompt], n, eos_ids=())       # compile and warm up
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            generate_ids(params, cfg, [prompt], n, eos_ids=())
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts)
-
-    return (n_gen - 1) / max(timed(n_gen) - timed(1), 1e-9)
-
-
-def wiki_ids(tok, n: int) -> list[int]:
-    """The first `n` tokens of the wiki corpus (parity windows, benchmark prompts)."""
-    from alpaca_jax.data.corpora import load_documents
-
-    if n == 0:
-        return []
-    ids = tok.encode("\n\n".join(load_documents("wiki")[:60]), bos=False, parse_special=False)
-    if len(ids) < n:
-        raise ValueError(f"the wiki corpus has {len(ids)} tokens; {n} were asked for")
-    return ids[:n]
-
-
-def export_files(params, cfg, tok, qtypes, out_dir: Path, e, recipe: dict, name: str):
-    """Write one GGUF per qtype into `out_dir` and check each against the JAX model (KL over
-    `e.parity_tokens` wiki tokens, greedy answers to `e.prompts`). Returns (exports, metrics);
-    `params` must be merged."""
-    import numpy as np
-
-    from alpaca_jax import forward, generate_ids
-    from alpaca_jax.eval.perplexity import perplexity_of_logits
-    from alpaca_jax.export import to_gguf
-    from alpaca_jax.export.runtime import bytes_per_token, kl_stats, llama_greedy, llama_logits
-
-    parity_ids = wiki_ids(tok, e.parity_tokens)
-    chats = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]))
-             for p in e.prompts]
-    eos = tuple(cfg.eos_token_ids)
-    exports, metrics = {}, {}
-    for qtype in qtypes:
-        path = to_gguf(params, cfg, tok, out_dir / f"model-{qtype.lower()}.gguf", qtype,
-                       name=name)
-        info = bytes_per_token(path, context=e.prompt_tokens + e.gen_tokens // 2)
-        entry = {"file": path.name, **info, "qat_grid": _qat_grid(recipe, qtype, cfg)}
-        metrics[f"{qtype}/file_mb"] = info["file_bytes"] / 2**20
-        ref = _reference(qtype, cfg)
-        kw = {} if ref is None else {"materialize": ref}
-        if parity_ids:
-            theirs = llama_logits(path, parity_ids)
-            ours = np.asarray(forward(params, np.array([parity_ids]), cfg, **kw)[0][0])
-            entry["parity"] = {**kl_stats(theirs, ours), "tokens": len(parity_ids),
-                               "reference": "float" if ref is None else "fake-quant, activations",
-                               "ppl_llama_cpp": perplexity_of_logits(theirs, parity_ids),
-                               "ppl_jax": perplexity_of_logits(ours, parity_ids)}
-            metrics[f"{qtype}/kl_mean"] = entry["parity"]["kl_mean"]
-            metrics[f"{qtype}/argmax_agreement"] = entry["parity"]["argmax_agreement"]
-        if chats:
-            jax_out = generate_ids(params, cfg, chats, e.max_new_tokens, eos_ids=eos, **kw)
-            answers = []
-            for prompt, ids_c, ours_c in zip(e.prompts, chats, jax_out):
-                theirs_c = llama_greedy(path, ids_c, e.max_new_tokens, eos)
-                same = next((i for i, (a, b) in enumerate(zip(ours_c, theirs_c)) if a != b),
-                            min(len(ours_c), len(theirs_c)))
-                a = {"prompt": prompt, "llama_cpp": tok.decode(theirs_c),
-                     "jax": tok.decode(ours_c), "identical": ours_c == theirs_c,
-                     "common_prefix_tokens": same}
-                if same < min(len(ours_c), len(theirs_c)):
-                    # how close the JAX model itself was to llama.cpp's choice where they part
-                    last = np.asarray(forward(params, np.array([ids_c + ours_c[:same]]), cfg,
-                                              **kw)[0][0, -1])
-                    a["jax_margin_at_divergence"] = float(last[ours_c[same]]
-                                                          - last[theirs_c[same]])
-                answers.append(a)
-            entry["greedy"] = answers
-            metrics[f"{qtype}/greedy_identical"] = sum(a["identical"] for a in answers)
-        exports[qtype] = entry
-        print(f"{qtype}: {_summary(entry)}", flush=True)
-    return exports, metrics
-
-
-def bench_files(exports: dict, out_dir: Path, e, tok) -> dict:
-    """Time every exported file in llama.cpp at each of `e.threads` (adds `bench` to each
-    entry) beside the measured copy bandwidth; returns the metrics."""
-    from alpaca_jax.export.runtime import bench_gguf, copy_bandwidth
-
-    prompt = wiki_ids(tok, e.prompt_tokens)
-    bandwidth = {t: copy_bandwidth(t) for t in e.threads}
-    metrics = {f"copy_gb_s_{t}t": b / 1e9 for t, b in bandwidth.items()}
-    for qtype, entry in exports.items():
-        entry["bench"] = []
-        for t in e.threads:
-            b = bench_gguf(out_dir / entry["file"], t, prompt, e.gen_tokens, e.repeats)
-            b["bound_gen_tok_s"] = bandwidth[t] / entry["bytes_per_token"]
-            entry["bench"].append(b)
-            metrics.update({f"{qtype}/prompt_tok_s_{t}t": b["prompt_tok_s"],
-                            f"{qtype}/gen_tok_s_{t}t": b["gen_tok_s"],
-                            f"{qtype}/bound_gen_tok_s_{t}t": b["bound_gen_tok_s"],
-                            f"{qtype}/peak_rss_mb_{t}t": b["peak_rss_mb"]})
-    return metrics
-
-
-def run(job: ExportJob, run_dir: Path, resolved: dict) -> dict:
-    from alpaca_jax import count_params
-    from alpaca_jax.peft.lora import merge
-    from alpaca_jax.provenance import git_sha, machine, versions, write_json_atomic
-
-    t0, sha = time.time(), git_sha()
-    check_export(job)
-    e = job.export
-    params, cfg, tok, recipe = _load(job)
-    params = merge(params)
-    source = job.run_dir or job.model.source
-    print(f"model: {source}, {cfg.num_layers} blocks, {count_params(params) / 1e6:.1f}M "
-          f"parameters", flush=True)
-    metrics = {"params": count_params(params), "blocks": cfg.num_layers}
-    exports, m = export_files(params, cfg, tok, [str(q).upper() for q in e.qtypes], run_dir, e,
-                              recipe, f"alpaca_jax {Path(str(source)).name}")
-    metrics.update(m)
-    if e.bench:
-        metrics.update(bench_files(exports, run_dir, e, tok))
-    if e.jax_bench:
-        metrics["jax_fp32/gen_tok_s"] = jax_generation_tok_s(
-            params, cfg, wiki_ids(tok, e.prompt_tokens), e.gen_tokens, e.repeats)
-    results = {"stage": "export", "metrics": metrics, "exports": exports, "recipe": recipe,
-               "source": source, "config": resolved, "git_sha": sha,
-               "versions": versions(), "machine": machine(),
-               "wall_time_s": round(time.time() - t0, 1)}
-    write_json_atomic(run_dir / "results.json", results)
     print(table(results))
-    print(f"wrote {run_dir / 'results.json'}")
-    return results
 
 
-def _summary(entry: dict) -> str:
-    s = f"{entry['file']} {entry['file_bytes'] / 2**20:.1f} MiB"
-    if "parity" in entry:
-        p = entry["parity"]
-        s += (f"; vs JAX ({p['reference']}): mean KL {p['kl_mean']:.2e}, argmax "
-              f"{p['argmax_agreement']:.3f}, ppl {p['ppl_llama_cpp']:.3f} vs {p['ppl_jax']:.3f}")
-    if "greedy" in entry:
-        s += (f"; greedy answers identical {sum(a['identical'] for a in entry['greedy'])}/"
-              f"{len(entry['greedy'])}")
-    return s
+main = hydra_app("export", after=_table)
 
-
-def table(results: dict) -> str:
-    """The export's figures as a Markdown table (one row per qtype and thread count)."""
-    m = results["metrics"]
-    rows = ["| file | MiB | threads | prompt tok/s | gen tok/s | bound tok/s | of bound | "
-            "peak RSS MiB | mean KL vs JAX | greedy same |", "|" + "---|" * 10]
-    for q, e in results["exports"].items():
-        kl = f"{e['parity']['kl_mean']:.2e}" if "parity" in e else "-"
-        g = (f"{sum(a['identical'] for a in e['greedy'])}/{len(e['greedy'])}"
-             if "greedy" in e else "-")
-        for b in e.get("bench") or [None]:
-            if b is None:
-                rows.append(f"| {q} | {e['file_bytes'] / 2**20:.1f} | - | - | - | - | - | - | "
-                            f"{kl} | {g} |")
-                continue
-            rows.append(f"| {q} | {e['file_bytes'] / 2**20:.1f} | {b['threads']} | "
-                        f"{b['prompt_tok_s']:.0f} | {b['gen_tok_s']:.1f} | "
-                        f"{b['bound_gen_tok_s']:.0f} | {b['gen_tok_s'] / b['bound_gen_tok_s']:.0%}"
-                        f" | {b['peak_rss_mb']:.0f} | {kl} | {g} |")
-    if "jax_fp32/gen_tok_s" in m:
-        rows.append(f"\nJAX fp32 (this process, all cores): {m['jax_fp32/gen_tok_s']:.1f} "
-                    f"generated tokens/s")
-    return "\n".join(rows)
-
-
-main = hydra_app("export", ExportJob, run)
 
 if __name__ == "__main__":
     main()

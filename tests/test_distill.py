@@ -187,8 +187,8 @@ def test_bad_objective_settings_are_named():
         with pytest.raises(ValueError, match=msg):
             check_distill(dc)
     check_distill(DistillConfig(objective="sft", tau=0.0))   # sft ignores the KD settings
-    from experiments.pipeline import check_settings
-    from experiments.schema import PipelineJob
+    from alpaca_jax.recipe.checks import check_settings
+    from alpaca_jax.recipe.settings import Job as PipelineJob
 
     job = PipelineJob(stages=["heal", "prune"],
                       distill=DistillConfig(objective="kd", teacher="stage:prune"))

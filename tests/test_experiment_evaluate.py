@@ -30,12 +30,12 @@ def test_evaluate_writes_results_json(tmp_path):
                 f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((run_dir / "results.json").read_text())
-    ppl = res["metrics"][f"ppl/{tmp_path / 'corpus.txt'}"]
+    ppl = res["metrics"][f"final/ppl_{tmp_path / 'corpus.txt'}"]
     assert 1.0 < ppl < 1e4
-    assert 1.0 < res["metrics"][f"ppl/{tmp_path / 'ids.npy'}"] < 1e4
+    assert 1.0 < res["metrics"]["final/ppl_ids"] < 1e4
     assert res["config"]["eval"]["ctx_len"] == 32
-    assert res["git_sha"] and "jax" in res["versions"] and len(res["samples"]) == 1
-    assert 0 <= res["metrics"]["copa/acc"] <= 1 and res["metrics"]["copa/acc_stderr"] > 0
+    assert res["git_sha"] and "jax" in res["versions"] and len(res["samples"]["final"]) == 1
+    assert 0 <= res["metrics"]["final/copa/acc"] <= 1 and res["metrics"]["final/copa/acc_stderr"] > 0
     assert res["harness"]["tasks"]["copa"]["n"] == 3 and res["harness"]["limit"] == 3
 
 

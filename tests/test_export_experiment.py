@@ -63,7 +63,7 @@ def test_a_qat_run_is_exported_on_its_trained_grid_and_benchmarked(tiny_gguf, tm
     assert "| Q4_0 |" in proc.stdout                       # the table is printed
     res = json.loads((out / "results.json").read_text())
     e = res["exports"]["Q4_0"]
-    assert res["stage"] == "export" and e["qat_grid"] is True
+    assert res["stage"] == "pipeline" and e["qat_grid"] is True
     # the file holds exactly the codes of the trained model's quantize_params
     codes = quantize_params(params, QuantSpec("q4_0"), cfg)
     tensors = {t.name: t for t in gguf.GGUFReader(str(out / "model-q4_0.gguf")).tensors}
@@ -77,7 +77,7 @@ def test_a_qat_run_is_exported_on_its_trained_grid_and_benchmarked(tiny_gguf, tm
     assert b["threads"] == 1 and b["prompt_tok_s"] > 0 and b["gen_tok_s"] > 0
     assert b["peak_rss_mb"] > b["baseline_rss_mb"] > 0 and b["bound_gen_tok_s"] > 0
     assert e["bytes_per_token"] == e["weight_bytes"] + e["kv_bytes"]
-    assert res["metrics"]["jax_fp32/gen_tok_s"] > 0 and res["metrics"]["copy_gb_s_1t"] > 0
+    assert res["metrics"]["bench/jax_fp32/gen_tok_s"] > 0 and res["metrics"]["bench/copy_gb_s_1t"] > 0
 
 
 def test_a_pruned_lora_run_is_rebuilt_and_exported(tiny_gguf, tmp_path):

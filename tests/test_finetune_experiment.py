@@ -71,12 +71,12 @@ def test_sigkill_and_restart_equals_uninterrupted_run(tiny_gguf, tmp_path):
     ref_res = json.loads((ref_dir / "results.json").read_text())
     assert res["resumed_from"] is not None and 10 <= res["resumed_from"] < STEPS
     assert [h["loss"] for h in res["history"]] == [h["loss"] for h in ref_res["history"]]
-    assert res["metrics"]["best_val_loss"] == ref_res["metrics"]["best_val_loss"]
+    assert res["metrics"]["heal/best_val_loss"] == ref_res["metrics"]["heal/best_val_loss"]
     a, b = _flat(_final_state(run_dir)), _flat(_final_state(ref_dir))
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
-    assert res["metrics"]["after/val_loss"] < res["metrics"]["before/val_loss"]
+    assert res["metrics"]["final/val_loss"] < res["metrics"]["baseline/val_loss"]
 
 
 def test_finetune_config_typos_fail_before_compute(tmp_path):
@@ -166,33 +166,3 @@ def test_lora_finetune_trains_adapters_only_and_writes_a_peft_adapter(tiny_gguf,
                            env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "written by a different run" in again.stderr, \
         again.stderr[-2000:]
-
-
-def test_ptq_and_qat_runs(tiny_gguf, tmp_path):
-    """quant=ptq_* evaluates round-to-nearest weights without training; quant=qat_* trains
-    through the quantizer and evaluates the quantized model; LoRA-QAT with dropout is refused
-    before any compute."""
-    env = dict(os.environ, WANDB_MODE="disabled")
-    ptq = subprocess.run(_cmd(tiny_gguf, tmp_path / "ptq", "quant=ptq_q4_0", steps=2), env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert ptq.returncode == 0, ptq.stderr[-3000:]
-    r = json.loads((tmp_path / "ptq" / "results.json").read_text())
-    m = r["metrics"]
-    assert r["recipe"]["finetune"] == "none" and not r["history"]
-    assert r["recipe"]["quant"]["tensors"]["layers/wq"] == "q4_0"
-    assert r["recipe"]["quant"]["tensors"]["embed"] == "q4_0"  # untied: embed q4_0, head q8_0
-    assert r["recipe"]["quant"]["tensors"]["lm_head"] == "q8_0"
-    assert m["ptq/val_loss"] > m["before/val_loss"] and "after/val_loss" not in m
-
-    qat = subprocess.run(_cmd(tiny_gguf, tmp_path / "qat", "quant=qat_q4_0", "train.eval_every=4",
-                              steps=8), env=env, capture_output=True, text=True, timeout=300)
-    assert qat.returncode == 0, qat.stderr[-3000:]
-    m = json.loads((tmp_path / "qat" / "results.json").read_text())["metrics"]
-    assert m["ptq/val_loss"] == pytest.approx(json.loads(
-        (tmp_path / "ptq" / "results.json").read_text())["metrics"]["ptq/val_loss"], rel=1e-6)
-    assert m["after/val_loss"] < m["ptq/val_loss"]
-
-    bad = subprocess.run(_cmd(tiny_gguf, tmp_path / "bad", "quant=qat_q8_0", "peft=lora_r8",
-                              "model.source=not-a-model"), env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert bad.returncode != 0 and "set peft.dropout=0" in bad.stderr, bad.stderr[-1000:]

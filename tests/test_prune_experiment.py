@@ -46,12 +46,12 @@ def test_prune_heal_evaluate_and_resume(tiny_gguf, tmp_path):
     assert bs["base_ppl"] > 1 and bs["scoring_time_s"] > 0
     res = json.loads((tmp_path / "results.json").read_text())
     m = res["metrics"]
-    assert res["stage"] == "prune" and res["recipe"]["prune"]["pruned"] == bs["pruned"]
+    assert res["stage"] == "pipeline" and res["recipe"]["prune"]["pruned"] == bs["pruned"]
     assert res["recipe"]["finetune"] == "lora"
     assert m["params"] < m["params_base"]
-    for tag in ("base", "before", "after"):
+    for tag in ("baseline", "after_prune", "final"):
         assert f"{tag}/ppl_wiki" in m and f"{tag}/val_loss" in m
-    assert m["after/val_loss"] < m["before/val_loss"]      # healing trains the pruned model
+    assert m["final/val_loss"] < m["after_prune/val_loss"]      # healing trains the pruned model
     state = ocp.StandardCheckpointer().restore(
         (tmp_path / "checkpoints" / "latest" / "4" / "state").resolve())["trainable"]
     assert np.asarray(state["layers"]["lora"]["wq"]["a"]).shape[0] == 3   # adapters: 3 blocks
@@ -76,14 +76,14 @@ def test_taylor_plus_protection_and_no_healing(tiny_gguf, tmp_path):
     bs = res["recipe"]["prune"]
     assert bs["criterion"] == "taylor+" and bs["keep_first"] == 1 and 0 not in bs["order"]
     assert res["recipe"]["finetune"] == "none" and not res["history"]
-    assert "after/val_loss" not in res["metrics"] and "before/val_loss" in res["metrics"]
+    assert "heal/best_val_loss" not in res["metrics"] and "final/val_loss" in res["metrics"]
 
 
 @pytest.mark.parametrize("override,message", [
     ("prune.criterion=entropy", "unknown pruning criterion 'entropy'"),
     ("prune.n_blocks=2", "set exactly one of prune.n_blocks and prune.ratio"),
     ("prune.calib=missing.npy", "prune.calib=missing.npy: no such file"),
-    ("prune=magnitude_20pct prune.iterative=true", "re-scores with the ppl criterion"),
+    ("prune.criterion=magnitude prune.iterative=true", "re-scores with the ppl criterion"),
 ])
 def test_bad_prune_settings_fail_before_loading_anything(tmp_path, override, message):
     proc = _run([sys.executable, str(ROOT / "experiments" / "prune.py"), *override.split(),

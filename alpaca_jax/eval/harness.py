@@ -111,18 +111,6 @@ def _device(device):
     return devices[i]
 
 
-def _run_transform(recipe: dict, cfg):
-    """The transform a run was evaluated with: its fake-quant grid when it was quantized."""
-    q = recipe.get("quant")
-    if not q:
-        return adapted
-    from alpaca_jax.quant import FakeQuant, QuantSpec
-
-    spec = QuantSpec(q["format"], q.get("embed", "auto"), q.get("head", "auto"),
-                     bool(q.get("activations", False)))
-    return FakeQuant.from_spec(spec, cfg)
-
-
 @register_model("alpaca_jax")
 class AlpacaJaxLM(TemplateLM):
     """An lm-eval model over `(params, cfg, tokenizer, materialize)`, or built from `source=`
@@ -143,10 +131,10 @@ class AlpacaJaxLM(TemplateLM):
 
             params, cfg, tokenizer = load_model(source)
         elif run_dir is not None:
-            from alpaca_jax.io.run_model import load_run_model
+            from alpaca_jax.recipe.replay import replay
 
-            params, cfg, tokenizer, recipe = load_run_model(run_dir)
-            materialize = _run_transform(recipe, cfg)
+            st, _ = replay(run_dir)    # with the grid it was evaluated on, when quantized
+            params, cfg, tokenizer, materialize = st.params, st.cfg, st.tok, st.transform
         elif cfg is None or tokenizer is None:
             raise ValueError("alpaca_jax model: params= needs cfg= and tokenizer= too")
         if compute_dtype:

@@ -1,6 +1,6 @@
-"""A finished run's final model, rebuilt from its `results.json` recipe: the base model, the
-blocks it pruned removed, then its training applied (the PEFT adapter it wrote, or the best
-full fine-tuning checkpoint). Export and the ablation pipeline start from this.
+"""Reading a finished run: its `results.json` and `recipe`, checked, and the artefacts its
+heal stage left (the adapter directory, the full fine-tuning checkpoint). The model itself is
+rebuilt by `alpaca_jax.recipe.replay`, through the same stage registry that built it.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def run_recipe(run_dir) -> dict:
     return recipe
 
 
-def _adapter_dir(run_dir: Path, recipe: dict) -> Path:
+def adapter_dir(run_dir: Path, recipe: dict) -> Path:
     recorded = recipe.get("adapter_dir")
     for cand in ([Path(recorded)] if recorded else []) + [run_dir / "adapter"]:
         if cand.is_dir():
@@ -59,7 +59,7 @@ def _adapter_dir(run_dir: Path, recipe: dict) -> Path:
                          f"directory ({recorded} nor {run_dir / 'adapter'})")
 
 
-def _restore_full(params: dict, run_dir: Path) -> dict:
+def restore_full(params: dict, run_dir: Path) -> dict:
     """The best-validation checkpoint of a full fine-tuning run (the latest when it kept none)."""
     from alpaca_jax.train.checkpoint import Checkpointer
 
@@ -77,24 +77,7 @@ def _restore_full(params: dict, run_dir: Path) -> dict:
 
 
 def load_run_model(run_dir):
-    """`(params, cfg, tokenizer, recipe)` of the final model of a finetune/prune run. Adapters
-    are added, not merged (`to_gguf` and `peft.merge` merge)."""
-    from alpaca_jax.io.registry import load_model
-    from alpaca_jax.peft import load_peft
-    from alpaca_jax.prune import drop_layers
+    """`(params, cfg, tokenizer, recipe)` of a finished run's final model (`recipe.replay`)."""
+    from alpaca_jax.recipe.replay import load_run_model as replayed
 
-    run_dir = Path(run_dir)
-    recipe = run_recipe(run_dir)
-    params, cfg, tok = load_model(recipe["base"])
-    pruned = (recipe.get("prune") or {}).get("pruned") or []
-    order = recipe.get("order") or ["prune", "heal"]     # a pipeline may heal, then prune
-    heal_first = "heal" in order and "prune" in order and order.index("heal") < order.index("prune")
-    if pruned and not heal_first:
-        params, cfg = drop_layers(params, cfg, pruned)
-    if recipe["finetune"] in ("lora", "dora"):
-        params = load_peft(params, cfg, _adapter_dir(run_dir, recipe))
-    elif recipe["finetune"] == "full":
-        params = _restore_full(params, run_dir)
-    if pruned and heal_first:
-        params, cfg = drop_layers(params, cfg, pruned)
-    return params, cfg, tok, recipe
+    return replayed(run_dir)

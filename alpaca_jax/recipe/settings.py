@@ -1,11 +1,9 @@
-"""Typed Hydra schemas: an unknown key or a wrong type fails at composition, before any compute.
-The library never sees a DictConfig; `to_dataclass` converts at the boundary."""
+"""The settings of a recipe run, as dataclasses: the Hydra schema (`experiments/app.py`
+registers them, so an unknown key or a wrong type fails at composition) and what every stage
+reads. The library never sees a DictConfig."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
 from alpaca_jax.tracking import LoggerConfig
 from alpaca_jax.train.distill import DistillConfig
@@ -52,14 +50,6 @@ class EvalCfg:
 
 
 @dataclass
-class EvaluateJob:
-    # a finished finetune/prune run: evaluate its rebuilt final model (instead of model.source)
-    run_dir: str | None = None
-    model: ModelSourceCfg = field(default_factory=ModelSourceCfg)
-    eval: EvalCfg = field(default_factory=EvalCfg)
-
-
-@dataclass
 class DataCfg:
     # a .json/.jsonl file of Alpaca records, `synthetic` (generated, exactly checkable), or a
     # hub dataset name (tatsu-lab/alpaca, yahma/alpaca-cleaned)
@@ -71,15 +61,6 @@ class DataCfg:
     seq_len: int = 256               # row length after packing
     packing: bool = True
     split_seed: int = 0
-
-
-@dataclass
-class FinetuneEvalCfg:
-    corpus: str = "wiki"             # perplexity before and after training
-    ppl_tokens: int = 2048
-    ctx_len: int = 512
-    samples: int = 3                 # validation prompts generated before and after
-    max_new_tokens: int = 48
 
 
 @dataclass
@@ -108,8 +89,8 @@ class QuantCfg:
 
 @dataclass
 class PruneCfg:
-    """Group `prune`: score blocks on calibration data, remove the least important, then (heal)
-    fine-tune as the finetune job does; Shortened LLaMA heals with LoRA r8 (`peft=lora_r8`)."""
+    """Group `prune`: score blocks on calibration data and remove the least important (the
+    criteria: `alpaca_jax.prune`); healing is the `heal` stage (Shortened LLaMA: LoRA r8)."""
     criterion: str = "none"          # none | ppl | taylor | taylor+ | magnitude | bi | random
     n_blocks: int | None = None      # exactly one of n_blocks and ratio
     ratio: float | None = None       # of the blocks: the largest n with n / L <= ratio
@@ -123,20 +104,6 @@ class PruneCfg:
     calib_len: int = 128
     seed: int = 1234                 # calibration sampling (the authors' seed) and `random`
     batch_size: int | None = None    # calibration rows per scoring pass; None: all at once
-    heal: bool = True                # false: evaluate the pruned model without training
-
-
-@dataclass
-class FinetuneJob:
-    model: ModelSourceCfg = field(default_factory=ModelSourceCfg)
-    data: DataCfg = field(default_factory=DataCfg)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    peft: PeftCfg = field(default_factory=PeftCfg)
-    quant: QuantCfg = field(default_factory=QuantCfg)
-    prune: PruneCfg = field(default_factory=PruneCfg)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    eval: FinetuneEvalCfg = field(default_factory=FinetuneEvalCfg)
-    mesh_fsdp: int = 1               # devices per fsdp group; data parallel over the rest
 
 
 @dataclass
@@ -159,29 +126,23 @@ class ExportCfg:
 
 
 @dataclass
-class ExportJob:
-    # a finished finetune/prune run: export its final model (recipe in its results.json);
-    # null: export model.source, optionally with drop_blocks removed (an unhealed pruned model)
-    run_dir: str | None = None
-    model: ModelSourceCfg = field(default_factory=ModelSourceCfg)
-    drop_blocks: list[int] = field(default_factory=list)
-    export: ExportCfg = field(default_factory=ExportCfg)
-
-
-STAGES = ("load", "baseline", "prune", "heal", "quantize", "evaluate", "export", "benchmark")
-
-
-@dataclass
-class PipelineJob:
-    """The ablation recipe as stages (`experiments/pipeline.py`): each listed stage runs in the
-    listed order, each one left out is skipped; `load` is implicit and first."""
+class Job:
+    """One run of a compression recipe (`experiments/pipeline.py`, `alpaca_jax.recipe.run`): the
+    listed stages run in order (`evaluate` may be listed more than once), each one left out is
+    skipped; loading the model is implicit and first. Every preset (finetune, prune, evaluate,
+    export) is this job with its own `stages` and defaults."""
     stages: list[str] = field(default_factory=lambda: [
         "baseline", "prune", "heal", "quantize", "evaluate", "export", "benchmark"])
     skip: list[str] = field(default_factory=list)   # stages left out, e.g. [heal]: sweep
                                                     # `skip=[],[heal]` for with/without healing
     name: str = "default"            # the experiment's name in tables
-    seed: int = 0                    # training order, dropout and adapter init (train.seed,
-                                     # peft.init_seed); sweep it for mean +- std
+    # the default of train.seed and peft.init_seed (training order, dropout, adapter init; the
+    # YAMLs interpolate ${seed}, so an explicit train.seed= wins); sweep it for mean +- std
+    seed: int = 0
+    # load a finished run's final model (its recorded stages replayed) instead of model.source
+    run_dir: str | None = None
+    drop_blocks: list[int] = field(default_factory=list)   # blocks removed at load (unhealed)
+    mesh_fsdp: int = 1               # heal: devices per fsdp group; data parallel over the rest
     model: ModelSourceCfg = field(default_factory=ModelSourceCfg)
     data: DataCfg = field(default_factory=DataCfg)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -193,15 +154,3 @@ class PipelineJob:
     eval: EvalCfg = field(default_factory=EvalCfg)
     export: ExportCfg = field(default_factory=ExportCfg)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-
-
-def register() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="evaluate_schema", node=EvaluateJob)
-    cs.store(name="finetune_schema", node=FinetuneJob)
-    cs.store(name="export_schema", node=ExportJob)
-    cs.store(name="pipeline_schema", node=PipelineJob)
-
-
-def to_dataclass(cfg, cls):
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg))
