@@ -35,12 +35,12 @@ sys.path.insert(0, str(ROOT))
 from experiments.app import hydra_app  # noqa: E402
 from experiments.schema import STAGES, PipelineJob  # noqa: E402
 
-GGUF_FORMATS = ("q8_0", "q4_0", "q4_1")
-
 
 def check_stages(job: PipelineJob) -> list[str]:
     """The stages to run (`stages` minus `skip`, `load` removed), checked against each other
     and against the recipe."""
+    from alpaca_jax.quant import exportable_formats   # the GGML formats in the registry
+
     for key in ("stages", "skip"):
         for s in getattr(job, key):
             if s not in STAGES:
@@ -72,8 +72,9 @@ def check_stages(job: PipelineJob) -> list[str]:
                          "after quantize; list quantize after heal, or use a qat_* preset")
     if q.method != "none" and "quantize" in pos and "export" in pos and \
             pos["quantize"] < pos["export"] and \
-            q.format not in GGUF_FORMATS:
-        raise ValueError(f"export of a {q.format} model: GGUF holds {', '.join(GGUF_FORMATS)}; "
+            q.format not in exportable_formats():
+        raise ValueError(f"export of a {q.format} model: GGUF holds "
+                         f"{', '.join(exportable_formats())}; "
                          f"quantize to one of them or export before quantize")
     unused = [g for g, st, on in (("prune", "prune", job.prune.criterion != "none"),
                                    ("peft/train", "heal", True),
