@@ -62,7 +62,8 @@ def _tensor_plan(cfg: ModelConfig, qtype: str) -> dict:
 def to_gguf(params: dict, cfg: ModelConfig, tokenizer, path, qtype: str = "Q8_0", *,
             name: str = "alpaca_jax model") -> Path:
     """Write `params` as a llama GGUF of `qtype` (one of `QTYPES`: F32, F16 and every registered
-    GGML format, Q8_0, Q4_0, Q4_1) with the tokenizer embedded; returns the path. Bad qtype, tokenizer or destination fail before any work."""
+    GGML format, Q8_0, Q4_0, Q4_1) with the tokenizer embedded; returns the path. Bad qtype,
+    tokenizer or destination fail before any work."""
     import gguf
 
     from alpaca_jax.export.gguf_tokenizer import tokenizer_kv
@@ -220,8 +221,6 @@ def _jitted_quantize():
 
 def _tensor_entries(params, cfg: ModelConfig, plan: dict) -> list[_Entry]:
     """Every tensor of the file in order, each made lazily from one slice of `params`."""
-    import gguf
-
     from alpaca_jax.quant.spec import block_axis
 
     def f32(name, make, shape):

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 
 from alpaca_jax.config import ModelConfig
 from alpaca_jax.model.adapters import Transform, adapted, matmul
