@@ -26,8 +26,11 @@ from alpaca_jax.config import ModelConfig
 from alpaca_jax.io.gguf_in import _LAYER_NAMES, permute_rope
 from alpaca_jax.io.layout import layer_slice
 from alpaca_jax.model.params import LAYER_KERNELS, LAYER_NORMS
+from alpaca_jax.quant.formats import exportable_formats, get_format
 
-QTYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
+FLOAT_QTYPES = ("F32", "F16")
+# every registered GGML format is a file type (`quant/formats/`)
+QTYPES = FLOAT_QTYPES + tuple(f.upper() for f in exportable_formats())
 
 
 def _check_destination(path: Path) -> None:
@@ -45,7 +48,7 @@ def _tensor_plan(cfg: ModelConfig, qtype: str) -> dict:
     keys = ["embed"] + [f"layers/{k}" for k in LAYER_KERNELS]
     if not cfg.tie_embeddings:
         keys.append("lm_head")
-    if qtype in ("F32", "F16"):
+    if qtype in FLOAT_QTYPES:
         return {k: qtype for k in keys}
     from alpaca_jax.quant.spec import QuantSpec, resolve
 
@@ -58,8 +61,9 @@ def _tensor_plan(cfg: ModelConfig, qtype: str) -> dict:
 
 def to_gguf(params: dict, cfg: ModelConfig, tokenizer, path, qtype: str = "Q8_0", *,
             name: str = "alpaca_jax model") -> Path:
-    """Write `params` as a llama GGUF of `qtype` (F32, F16, Q8_0, Q4_0, Q4_1) with the tokenizer
-    embedded; returns the path. Bad qtype, tokenizer or destination fail before any work."""
+    """Write `params` as a llama GGUF of `qtype` (one of `QTYPES`: F32, F16 and every registered
+    GGML format, Q8_0, Q4_0, Q4_1) with the tokenizer embedded; returns the path. Bad qtype,
+    tokenizer or destination fail before any work."""
     import gguf
 
     from alpaca_jax.export.gguf_tokenizer import tokenizer_kv
@@ -114,10 +118,8 @@ def _write_metadata(w, cfg: ModelConfig, name: str, qtype: str, tok_kv: list) ->
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rs.factor)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
-                     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                     "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-                     "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[qtype])
+    floats = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16}
+    w.add_file_type(floats[qtype] if qtype in floats else get_format(qtype).file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for method, value in tok_kv:
         getattr(w, method)(value)
@@ -219,8 +221,6 @@ def _jitted_quantize():
 
 def _tensor_entries(params, cfg: ModelConfig, plan: dict) -> list[_Entry]:
     """Every tensor of the file in order, each made lazily from one slice of `params`."""
-    import gguf
-
     from alpaca_jax.quant.spec import block_axis
 
     def f32(name, make, shape):
@@ -234,16 +234,15 @@ def _tensor_entries(params, cfg: ModelConfig, plan: dict) -> list[_Entry]:
         t = plan[key]
         out, inp = shape_out_in
         out_axis = 0 if key == "embed" else 1
-        if t.startswith("Q"):
-            raw = gguf.GGMLQuantizationType[t]
-            block, type_size = gguf.GGML_QUANT_SIZES[raw]
-            row_bytes = inp // block * type_size
+        if t not in FLOAT_QTYPES:
+            fmt = get_format(t)
+            row_bytes = inp // fmt.block * fmt.type_size
 
             def make_q():
-                rows = _quantized_rows(get_in_out(), t.lower(), block_axis(key), row_bytes)
+                rows = _quantized_rows(get_in_out(), fmt.name, block_axis(key), row_bytes)
                 return rows if n_rope_heads is None else np.ascontiguousarray(
                     permute_rope(rows, n_rope_heads))
-            return _Entry(gguf_name, (out, row_bytes), np.dtype(np.uint8), raw, make_q)
+            return _Entry(gguf_name, (out, row_bytes), np.dtype(np.uint8), fmt.ggml_type, make_q)
         dt = np.dtype(np.float16 if t == "F16" else np.float32)
 
         def make_f():

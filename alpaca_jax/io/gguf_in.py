@@ -1,5 +1,7 @@
-"""GGUF (`general.architecture=llama`) in: tensors dequantized by the `gguf` package, q/k
-un-permuted from llama.cpp's interleaved RoPE layout, metadata mapped to ModelConfig."""
+"""GGUF (`general.architecture=llama`) in: quantized tensors dequantized by their registered
+format (`quant/formats/`: the same code that quantizes and exports, checked against the `gguf`
+package), float tensors converted by the `gguf` package, q/k un-permuted from llama.cpp's
+interleaved RoPE layout, metadata mapped to ModelConfig."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +11,7 @@ import numpy as np
 from alpaca_jax.config import ModelConfig, RopeScaling
 from alpaca_jax.io.layout import assemble_params, host_buffer, param_dtype
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+FLOAT_TYPES = ("F32", "F16", "BF16")
 _LAYER_NAMES = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
                 "wo": "attn_output", "mlp_norm": "ffn_norm", "w_gate": "ffn_gate",
                 "w_up": "ffn_up", "w_down": "ffn_down"}
@@ -77,6 +79,32 @@ def config_from_gguf(f: dict, source: str) -> ModelConfig:
     )
 
 
+def supported_types() -> tuple[str, ...]:
+    """GGUF tensor types import reads: the float types and every registered GGML format.
+    (The registry is imported here, not at module level: it imports `gguf`, which `import
+    alpaca_jax` does not need.)"""
+    from alpaca_jax.quant.formats import exportable_formats
+
+    return FLOAT_TYPES + tuple(f.upper() for f in exportable_formats())
+
+
+def _dequantizer(tensor_type):
+    """`raw [rows, row_bytes] uint8 -> float32 [rows, cols]` for one GGUF tensor type: the
+    registered format's `from_bytes` and `dequantize`, or the `gguf` package for float types."""
+    import gguf
+
+    from alpaca_jax.quant.formats import format_for_ggml_type
+
+    fmt = format_for_ggml_type(tensor_type)
+    if fmt is None:
+        return lambda raw: gguf.quants.dequantize(raw, tensor_type)
+
+    def dequantize(raw):
+        values = np.asarray(fmt.dequantize(fmt.from_bytes(raw)))   # [rows, n_blocks, block]
+        return values.reshape(len(raw), -1)
+    return dequantize
+
+
 def read_tensor(f, t, source: str) -> np.ndarray:
     """One tensor dequantized to float32 `[out, in]`, read in chunks of rows with plain reads:
     the reader's memory map is never touched, so read pages do not pile up in resident memory
@@ -85,9 +113,10 @@ def read_tensor(f, t, source: str) -> np.ndarray:
     that the loader can place without copying (`io/layout.py`)."""
     import gguf
 
-    if t.tensor_type.name not in SUPPORTED_TYPES:
+    supported = supported_types()
+    if t.tensor_type.name not in supported:
         raise ValueError(f"{source}: tensor {t.name!r} has type {t.tensor_type.name}; "
-                         f"supported: {', '.join(SUPPORTED_TYPES)}")
+                         f"supported: {', '.join(supported)}")
     block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
     cols = int(t.shape[0])
     row_bytes = cols // block * type_size
@@ -96,12 +125,13 @@ def read_tensor(f, t, source: str) -> np.ndarray:
     n_rows = int(t.n_bytes) // row_bytes
     out = host_buffer((n_rows, cols), np.float32)
     step = max(1, (16 << 20) // row_bytes)          # about 16 MB of raw blocks per read
+    dequantize = _dequantizer(t.tensor_type)
     f.seek(int(t.data_offset))
     for a in range(0, n_rows, step):
         raw = np.empty((min(step, n_rows - a), row_bytes), np.uint8)
         if f.readinto(memoryview(raw).cast("B")) != raw.size:
             raise ValueError(f"{source}: tensor {t.name!r} is truncated")
-        out[a:a + len(raw)] = gguf.quants.dequantize(raw, t.tensor_type)
+        out[a:a + len(raw)] = dequantize(raw)
     return out.reshape(tuple(int(n) for n in reversed(t.shape)))
 
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 
 from alpaca_jax.config import ModelConfig
 from alpaca_jax.model.adapters import Transform, adapted, matmul
 from alpaca_jax.peft.lora import merge
-from alpaca_jax.quant.formats import Quantized, fake_quant, fake_quant_activations, quantize
+from alpaca_jax.quant.formats import Quantized, fake_quant, get_format, quantize
 from alpaca_jax.quant.spec import QuantSpec, block_axis, resolve
 
 
@@ -51,13 +50,14 @@ class FakeQuant(Transform):
                               policy=jax.checkpoint_policies.nothing_saveable)(x, tree, name)
 
     def _quantized_linear(self, x, tree, name):
-        if self.activations:
-            x = fake_quant_activations(x)
+        if self.activations:   # the rounding llama.cpp gives inputs of this weight type
+            x = get_format(self._fmt(tree, name)).fake_quant_activations(x)
         return matmul(x, self.weight(tree, name))
 
     def tied_head(self, h, params):
-        if self.activations and self._fmt(params, "embed") is not None:
-            h = fake_quant_activations(h)   # llama.cpp quantizes the head's input too
+        fmt = self._fmt(params, "embed")
+        if self.activations and fmt is not None:
+            h = get_format(fmt).fake_quant_activations(h)   # llama.cpp rounds the head's input too
         return super().tied_head(h, params)
 
 

@@ -5,12 +5,13 @@ Measured with llama.cpp's own `llama_model_quantize` (llama-cpp-python 0.3.36) o
 for Q8_0:
 - norms (1-D) stay F32;
 - every block linear weight gets the file type (Q8_0, Q4_0, Q4_1);
-- Q8_0: the token embedding and the output head are Q8_0 too;
-- Q4_0 / Q4_1: the token embedding gets the file type, but the output head (or, when the
-  embeddings are tied, the shared embedding) gets Q6_K when its row length is a multiple of 256
-  and Q8_0 otherwise (SmolLM2: 576, so Q8_0). Q6_K is not implemented here: for such models the
-  head falls back to Q8_0 and the spec says so (`llama-quantize --output-tensor-type q8_0`
-  produces the same file).
+- the token embedding and the output head: what the format object says
+  (`Format.default_embed` / `default_head`, `quant/formats/base.py`). For the GGML types:
+  Q8_0 puts both in Q8_0; Q4_0 / Q4_1 give the token embedding the file type, but the output
+  head (or, when the embeddings are tied, the shared embedding) Q6_K when its row length is a
+  multiple of 256 and Q8_0 otherwise (SmolLM2: 576, so Q8_0). Q6_K is not implemented yet: for
+  such models the head falls back to Q8_0 (`llama-quantize --output-tensor-type q8_0` produces
+  the same file). Generic formats quantize the block linears only.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def resolve(spec: QuantSpec, cfg: ModelConfig) -> dict[str, str]:
     """`{param name: format}` for every quantized weight (`layers/<kernel>`, `embed`,
     `lm_head`); a name absent is kept in float. Raises ValueError for an unknown format or a
     contracted dimension that is not a multiple of the block size."""
-    w = parse_format(spec.weights).name
-    ggml = w in ("q8_0", "q4_0", "q4_1")
+    fmt = parse_format(spec.weights)
+    w = fmt.name
     out = {f"layers/{k}": w for k in LAYER_KERNELS}
 
     def pick(choice, default):
@@ -49,11 +50,8 @@ def resolve(spec: QuantSpec, cfg: ModelConfig) -> dict[str, str]:
             return None
         return parse_format(choice).name
 
-    if ggml:  # llama.cpp: the head (a tied embedding included) in Q8_0, the embedding in w
-        head_default = "q8_0"
-        embed_default = head_default if cfg.tie_embeddings else w
-    else:     # generic formats: block linears only by default
-        embed_default = head_default = None
+    head_default = fmt.default_head(cfg.hidden_size)   # rows of the head/embedding: D long
+    embed_default = fmt.default_embed(cfg.hidden_size, cfg.tie_embeddings)
     e = pick(spec.embed, embed_default)
     if e:
         out["embed"] = e

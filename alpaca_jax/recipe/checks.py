@@ -113,12 +113,12 @@ def check_stages(job: Job) -> list[str]:
                          "after quantize; list quantize after heal, or use a qat_* preset")
     if q.method != "none" and "quantize" in pos and "export" in pos and \
             pos["quantize"] < pos["export"]:
-        from alpaca_jax.quant.formats import GGML_TYPES
+        from alpaca_jax.quant import exportable_formats
 
-        if q.format not in GGML_TYPES:
+        if q.format not in exportable_formats():
             raise ValueError(f"export of a {q.format} model: GGUF holds "
-                             f"{', '.join(GGML_TYPES)}; quantize to one of them or export "
-                             f"before quantize")
+                             f"{', '.join(exportable_formats())}; quantize to one of them or "
+                             f"export before quantize")
     unused = [g for g, st, on in (("prune", "prune", job.prune.criterion != "none"),
                                    ("peft/train", "heal", True),
                                    ("distill", "heal", job.distill.objective != "sft"),

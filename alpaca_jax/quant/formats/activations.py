@@ -1,0 +1,39 @@
+"""llama.cpp's rounding of matmul inputs, for QAT/PTQ runs that emulate the CPU runtime
+(`QuantSpec(activations=True)`). A format returns its own from `Format.fake_quant_activations`
+(llama.cpp's `vec_dot_type` for that weight type); the formats here all use this one."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from alpaca_jax.quant.formats.layout import from_blocks, to_blocks
+from alpaca_jax.quant.formats.numerics import div_const
+
+QK8 = 32   # Q8_0/Q8_1 activation blocks
+
+
+def q8_activations(x):
+    """llama.cpp's CPU path quantizes the activations entering a Q8_0/Q4_0/Q4_1 matmul to 8-bit
+    blocks of 32 along the contracted (last) axis. Its SIMD quantizer (x86 AVX, ARM NEON) uses
+    `id = 127 / amax` and rounds half to even, unlike the reference weight quantizer; this
+    follows the SIMD path. Straight-through gradient."""
+    def qdq(x):
+        xb = to_blocks(x.astype(jnp.float32), -1, QK8)
+        amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
+        d = div_const(amax, 127)
+        inv = jnp.where(amax == 0, jnp.float32(0),
+                        jnp.float32(127) / jnp.where(amax == 0, 1, amax))
+        q = jnp.round(xb * inv)  # round half to even, as _mm256_round_ps / vcvtnq
+        deq = q * d.astype(jnp.float16).astype(jnp.float32)
+        return from_blocks(deq, -1, x.ndim).astype(x.dtype)
+    return ste(qdq)(x)
+
+
+def ste(f):
+    """`f` forward, identity backward (exact forward value, unlike `x + stop_gradient(f(x)-x)`,
+    which rounds)."""
+    @jax.custom_vjp
+    def g(x):
+        return f(x)
+    g.defvjp(lambda x: (f(x), None), lambda _, ct: (ct,))
+    return g

@@ -1,0 +1,46 @@
+"""GGML Q4_1: blocks of 32, fp16 scale and minimum, 4-bit codes (20 bytes: d, m, qs[16]).
+
+ggml's reference quantizer (`quantize_row_q4_1_ref`): `d = (max - min) / 15`; codes
+`trunc((x - min) * (1/d) + 0.5)` clipped to [0, 15]; value `q * f32(f16(d)) + f32(f16(min))`."""
+from __future__ import annotations
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+
+from alpaca_jax.quant.formats.base import GGMLFormat, Quantized, register_format
+from alpaca_jax.quant.formats.layout import (f16_bytes, f16_from_bytes, pack_nibbles,
+                                             unpack_nibbles)
+from alpaca_jax.quant.formats.numerics import div_const, safe_inv, trunc_add
+
+
+@register_format
+class Q4_1(GGMLFormat):
+    name = "q4_1"
+    block = 32
+    ggml_type = gguf.GGMLQuantizationType.Q4_1
+    type_size = 20
+    file_type = gguf.LlamaFileType.MOSTLY_Q4_1
+
+    def quantize_blocks(self, xb) -> Quantized:
+        mx, mn = jnp.max(xb, axis=-1), jnp.min(xb, axis=-1)
+        d = div_const(mx - mn, 15)
+        q = trunc_add((xb - mn[..., None]) * safe_inv(d)[..., None], 0.5)
+        return Quantized(self.name, jnp.clip(q, 0, 15).astype(jnp.uint8), d.astype(jnp.float16),
+                         mn.astype(jnp.float16))
+
+    def dequantize(self, q: Quantized):
+        prod = q.codes.astype(jnp.float32) * q.d.astype(jnp.float32)[..., None]
+        # q (4 bits) * d (fp16, 11 bits) is exact in float32, so a fused multiply-add cannot
+        # change the sum
+        return prod + q.m.astype(jnp.float32)[..., None]
+
+    def pack(self, q: Quantized) -> np.ndarray:
+        codes = np.asarray(q.codes)
+        lead = codes.shape[:-1]
+        return np.concatenate([f16_bytes(q.d, lead), f16_bytes(q.m, lead), pack_nibbles(codes)],
+                              axis=-1)
+
+    def unpack(self, blocks: np.ndarray) -> Quantized:
+        return Quantized(self.name, unpack_nibbles(blocks[..., 4:]),
+                         f16_from_bytes(blocks[..., :2]), f16_from_bytes(blocks[..., 2:4]))
