@@ -76,6 +76,7 @@ def check_peft(p) -> None:
 
 def check_prune(p) -> None:
     """Bad pruning settings fail here, before data or model are loaded."""
+    from alpaca_jax.prune.registry import get_criterion, iterative_criteria
     from alpaca_jax.prune.scores import canonical_criterion
 
     if p.criterion == "none":
@@ -91,8 +92,9 @@ def check_prune(p) -> None:
     for key in ("keep_first", "keep_last"):
         if getattr(p, key) is not None and getattr(p, key) < 0:
             raise ValueError(f"prune.{key} must be >= 0, got {getattr(p, key)}")
-    if p.iterative and criterion != "ppl":
-        raise ValueError(f"prune.iterative re-scores with the ppl criterion; got {criterion!r}")
+    if p.iterative and not get_criterion(criterion).supports_iterative:
+        raise ValueError(f"prune.iterative re-scores with the "
+                         f"{' or '.join(iterative_criteria())} criterion; got {criterion!r}")
     if p.calib_samples < 1 or p.calib_len < 2:
         raise ValueError(f"prune: calibration needs calib_samples >= 1 and calib_len >= 2 "
                          f"(got {p.calib_samples}, {p.calib_len})")
@@ -105,8 +107,8 @@ def prune_model(p, source: str, params, cfg, tok, run_dir: Path, upstream: str |
     """Score, choose and record the blocks to remove (`block_scores.json`). A re-run in the same
     run dir with the same settings (and `upstream`, a fingerprint of what changed the model
     before pruning) reuses the saved scores instead of recomputing them."""
-    from alpaca_jax.prune import (calibration_ids, check_n_blocks, n_blocks_for, protection,
-                                  prune_plan)
+    from alpaca_jax.prune import (calibration_ids, check_n_blocks, criterion_needs_calibration,
+                                  n_blocks_for, protection, prune_plan)
     from alpaca_jax.prune.scores import canonical_criterion
     from alpaca_jax.provenance import write_json_atomic
 
@@ -124,7 +126,7 @@ def prune_model(p, source: str, params, cfg, tok, run_dir: Path, upstream: str |
         if saved.get("settings") == settings:
             print(f"reusing block scores from {path}", flush=True)
             return saved
-    needs_calib = criterion not in ("magnitude", "random")
+    needs_calib = criterion_needs_calibration(criterion)
     calib = calibration_ids(resolve_path(p.calib), tok, cfg.vocab_size, n=p.calib_samples,
                             seq_len=p.calib_len, seed=p.seed) if needs_calib else None
     t0 = time.time()
