@@ -10,3 +10,4 @@ from alpaca_jax.prune.criteria import taylor  # noqa: F401
 from alpaca_jax.prune.criteria import magnitude  # noqa: F401
 from alpaca_jax.prune.criteria import bi  # noqa: F401
 from alpaca_jax.prune.criteria import random_  # noqa: F401  (named so: not the stdlib `random`)
+from alpaca_jax.prune.criteria import angular  # noqa: F401
