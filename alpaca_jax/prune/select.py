@@ -1,4 +1,8 @@
-"""Choosing blocks from scores, removing them, and the whole one-shot / iterative procedure."""
+"""Choosing blocks from scores, removing them, and the whole one-shot / iterative procedure.
+
+What differs between criteria (default protection, calibration, a plan-level choice, iterative
+support) is read from the criterion's registry record (`prune/registry.py`), never branched on
+its name here."""
 from __future__ import annotations
 
 import math
@@ -9,18 +13,18 @@ import numpy as np
 from alpaca_jax.config import ModelConfig
 from alpaca_jax.model.adapters import adapted
 from alpaca_jax.prune.calibration import check_calibration
-from alpaca_jax.prune.scores import block_scores, canonical_criterion, removal_ppl
-
-# The paper's "+" heuristic (Taylor+): never remove the first four or the last two blocks. The
-# authors' released code applies it to every criterion; pass keep_first/keep_last to do that.
-PAPER_PROTECTION = {"taylor+": (4, 2)}
+from alpaca_jax.prune.registry import get_criterion, iterative_criteria
+from alpaca_jax.prune.scores import block_scores, calibration_for
 
 
+# The paper's "+" heuristic (Taylor+: never remove the first four or the last two blocks) is the
+# taylor+ criterion's registered default. The authors' released code applies it to every
+# criterion; pass keep_first/keep_last to do that.
 def protection(criterion: str, keep_first: int | None = None,
                keep_last: int | None = None) -> tuple[int, int]:
-    """(keep_first, keep_last): explicit values win; None takes the paper's default for the
-    criterion (4 and 2 for taylor+, else 0)."""
-    first, last = PAPER_PROTECTION.get(canonical_criterion(criterion), (0, 0))
+    """(keep_first, keep_last): explicit values win; None takes the criterion's registered
+    default (the paper's: 4 and 2 for taylor+, else 0)."""
+    first, last = get_criterion(criterion).protection
     first = first if keep_first is None else keep_first
     last = last if keep_last is None else keep_last
     if first < 0 or last < 0:
@@ -56,11 +60,24 @@ def block_order(scores, keep_first: int = 0, keep_last: int = 0) -> list[int]:
 def select_blocks(scores, n: int, keep_first: int | None = None, keep_last: int | None = None,
                   criterion: str = "ppl") -> list[int]:
     """The n blocks to remove (sorted): the lowest scores outside the protected first/last
-    blocks. keep_first/keep_last None: the paper's default for `criterion` (taylor+: 4 and 2)."""
-    kf, kl = protection(criterion, keep_first, keep_last)
+    blocks. keep_first/keep_last None: the paper's default for `criterion` (taylor+: 4 and 2).
+    A criterion that chooses its blocks as a whole (angular: a contiguous run) needs
+    `prune_plan` for n > 1."""
+    c = get_criterion(criterion)
+    kf, kl = protection(c.name, keep_first, keep_last)
     L = len(scores)
     check_n_blocks(n, L, kf, kl)
+    if not c.per_block and n > 1:
+        raise ValueError(f"criterion {c.name!r} does not choose the n lowest per-block scores; "
+                         f"use prune_plan(params, cfg, calib_ids, {c.name!r}, n)")
     return sorted(block_order(scores, kf, kl)[:n])
+
+
+def lowest_scores(scores, n: int, keep_first: int = 0, keep_last: int = 0) -> dict:
+    """The per-block choice as a plan record: scores, order (removable blocks by ascending
+    score), pruned (the first n, sorted)."""
+    order = block_order(scores, keep_first, keep_last)
+    return {"scores": [float(s) for s in scores], "order": order, "pruned": sorted(order[:n])}
 
 
 def n_blocks_for(ratio: float, num_layers: int) -> int:
@@ -91,45 +108,27 @@ def prune_plan(params, cfg: ModelConfig, calib_ids, criterion: str, n: int, *,
                keep_first: int | None = None, keep_last: int | None = None,
                iterative: bool = False, batch_size: int | None = None, seed: int = 0,
                materialize=adapted) -> dict:
-    """Score and choose n blocks. One-shot: score once, take the n lowest. Iterative (ppl only):
-    after each removal re-score the remaining blocks on the pruned model. Returns the record
-    that `block_scores.json` and the recipe hold: criterion, scores, order, pruned, ..."""
-    criterion = canonical_criterion(criterion)
-    kf, kl = protection(criterion, keep_first, keep_last)
+    """Score and choose n blocks. One-shot: the criterion's `plan` hook if it has one (ppl adds
+    the base perplexity, angular picks a contiguous run), else the n lowest scores. Iterative
+    (criteria with an `iterate` hook: ppl): after each removal re-score the remaining blocks on
+    the pruned model. Returns the record that `block_scores.json` and the recipe hold:
+    criterion, scores, order, pruned, ..."""
+    c = get_criterion(criterion)
+    kf, kl = protection(c.name, keep_first, keep_last)
     L = cfg.num_layers
-    removable = removable_blocks(L, kf, kl)
     check_n_blocks(n, L, kf, kl)
-    record = {"criterion": criterion, "iterative": bool(iterative), "num_layers": L,
+    if iterative and not c.supports_iterative:
+        raise ValueError(f"iterative pruning re-scores with the "
+                         f"{' or '.join(iterative_criteria())} criterion; got {c.name!r}")
+    record = {"criterion": c.name, "iterative": bool(iterative), "num_layers": L,
               "keep_first": kf, "keep_last": kl, "n": int(n)}
     if calib_ids is not None:
         calib_ids = check_calibration(calib_ids, cfg.vocab_size)
         record["calibration_shape"] = list(calib_ids.shape)
-    if not iterative:
-        if criterion == "ppl" and calib_ids is not None:   # the same scores, plus the baseline
-            base, by_block = removal_ppl(params, cfg, calib_ids, batch_size=batch_size,
-                                         materialize=materialize)
-            record["base_ppl"] = base
-            scores = np.array([by_block[i] for i in range(L)])
-        else:
-            scores = block_scores(params, cfg, calib_ids, criterion, batch_size=batch_size,
-                                  seed=seed, materialize=materialize)
-        order = block_order(scores, kf, kl)
-        return {**record, "scores": [float(s) for s in scores], "order": order,
-                "pruned": sorted(order[:n])}
-    if criterion != "ppl":
-        raise ValueError(f"iterative pruning re-scores with the ppl criterion; got {criterion!r}")
-    if calib_ids is None:
-        raise ValueError("iterative ppl pruning needs calibration ids [N, T]")
-    keep, order, rounds = np.ones(L, bool), [], []
-    for _ in range(n):
-        cands = [i for i in removable if keep[i]]
-        base, ppl = removal_ppl(params, cfg, calib_ids, keep, cands, batch_size=batch_size,
-                                materialize=materialize)
-        best = min(cands, key=lambda i: (ppl[i], i))
-        rounds.append({"base_ppl": base, "scores": {str(i): v for i, v in ppl.items()},
-                       "removed": best})
-        keep[best] = False
-        order.append(best)
-    first = rounds[0]["scores"] if rounds else {}
-    return {**record, "scores": [first.get(str(i)) for i in range(L)], "order": order,
-            "pruned": sorted(order), "rounds": rounds}
+    ids = calibration_for(c, cfg, calib_ids, batch_size)
+    kw = dict(batch_size=batch_size, seed=seed, materialize=materialize)
+    if iterative:
+        return {**record, **c.iterate(params, cfg, ids, int(n), kf, kl, **kw)}
+    if c.plan is not None:
+        return {**record, **c.plan(params, cfg, ids, int(n), kf, kl, **kw)}
+    return {**record, **lowest_scores(block_scores(params, cfg, ids, c.name, **kw), n, kf, kl)}

@@ -22,6 +22,7 @@ def check_peft(p) -> None:
 
 
 def check_prune(p) -> None:
+    from alpaca_jax.prune.registry import get_criterion, iterative_criteria
     from alpaca_jax.prune.scores import canonical_criterion
 
     if p.criterion == "none":
@@ -37,8 +38,9 @@ def check_prune(p) -> None:
     for key in ("keep_first", "keep_last"):
         if getattr(p, key) is not None and getattr(p, key) < 0:
             raise ValueError(f"prune.{key} must be >= 0, got {getattr(p, key)}")
-    if p.iterative and criterion != "ppl":
-        raise ValueError(f"prune.iterative re-scores with the ppl criterion; got {criterion!r}")
+    if p.iterative and not get_criterion(criterion).supports_iterative:
+        raise ValueError(f"prune.iterative re-scores with the "
+                         f"{' or '.join(iterative_criteria())} criterion; got {criterion!r}")
     if p.calib_samples < 1 or p.calib_len < 2:
         raise ValueError(f"prune: calibration needs calib_samples >= 1 and calib_len >= 2 "
                          f"(got {p.calib_samples}, {p.calib_len})")

@@ -16,8 +16,8 @@ def prune_model(p, source: str, params, cfg, tok, run_dir: Path, upstream: str |
     """Score, choose and record the blocks to remove (`block_scores.json`). A re-run in the same
     run dir with the same settings (and `upstream`, a fingerprint of what changed the model
     before pruning) reuses the saved scores instead of recomputing them."""
-    from alpaca_jax.prune import (calibration_ids, check_n_blocks, n_blocks_for, protection,
-                                  prune_plan)
+    from alpaca_jax.prune import (calibration_ids, check_n_blocks, criterion_needs_calibration,
+                                  n_blocks_for, protection, prune_plan)
     from alpaca_jax.prune.scores import canonical_criterion
     from alpaca_jax.provenance import write_json_atomic
 
@@ -35,7 +35,7 @@ def prune_model(p, source: str, params, cfg, tok, run_dir: Path, upstream: str |
         if saved.get("settings") == settings:
             print(f"reusing block scores from {path}", flush=True)
             return saved
-    needs_calib = criterion not in ("magnitude", "random")
+    needs_calib = criterion_needs_calibration(criterion)
     calib = calibration_ids(resolve_path(p.calib), tok, cfg.vocab_size, n=p.calib_samples,
                             seq_len=p.calib_len, seed=p.seed) if needs_calib else None
     t0 = time.time()
