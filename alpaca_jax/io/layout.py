@@ -110,8 +110,8 @@ def assemble_params(read: Callable[[str], np.ndarray | None], cfg: ModelConfig, 
                 out[j] = w.T if w.ndim == 2 else w          # transposed and converted in place
             return out[(slice(None), *index[1:])]
 
-        return jax.make_array_from_callback(full, sharding_for(sharding, WeightName(LAYERS, ours).key, full),
-                                            fill)
+        path = WeightName(LAYERS, ours).key
+        return jax.make_array_from_callback(full, sharding_for(sharding, path, full), fill)
 
     def single(path, name, shape, transpose=False):
         w = get(name, shape)

@@ -5,7 +5,8 @@ Tensor names are PEFT's for a `LlamaForCausalLM` base:
 (`peft/methods/`) names its kinds and converts one layer's tensors (`to_hf`, `from_hf`): LoRA's
 `lora_A.weight` `[r, in]` and `lora_B.weight` `[out, r]` (transposes of our `[in, out]`
 factors), DoRA's `lora_magnitude_vector` `[out]` besides. Which method a file holds is read from
-adapter_config.json (`peft_type`, and the method's `hf_config` entries such as `use_dora`). The scale of each module follows PEFT's rules
+adapter_config.json (`peft_type`, and the method's `hf_config` entries such as `use_dora`).
+The scale of each module follows PEFT's rules
 (`lora_alpha / r`, or `/ sqrt(r)` with `use_rslora`; `rank_pattern` / `alpha_pattern` keys
 matched against the module name as PEFT's `get_pattern_key` does). Layers a PEFT adapter leaves
 untouched get zero adapters (exactly no change), and ranks that differ between layers are
