@@ -4,7 +4,8 @@ from alpaca_jax.config import ModelConfig, RopeScaling
 from alpaca_jax.io.hf import load_hf, save_hf
 from alpaca_jax.io.gguf_in import load_gguf
 from alpaca_jax.io.registry import REGISTRY, load_model
-from alpaca_jax.model.forward import forward, identity, make_cache
+from alpaca_jax.model.forward import forward, make_cache
+from alpaca_jax.model.transform import identity
 from alpaca_jax.model.generate import generate, generate_ids
 from alpaca_jax.model.params import check_params, count_params, init_params
 

@@ -46,8 +46,9 @@ def main():
     @dataclasses.dataclass(frozen=True)
     class OneUlpUp(FakeQuant):
         """The emulation with every quantized matmul's input moved up by one ulp."""
-        def linear(self, x, tree, name):
-            return super().linear(jnp.nextafter(x, jnp.full_like(x, jnp.inf)), tree, name)
+        def linear(self, x, tree, name, *, rng=None):
+            return super().linear(jnp.nextafter(x, jnp.full_like(x, jnp.inf)), tree, name,
+                                  rng=rng)
 
     params, cfg, tok = load_model(args.model)
     ids = tok.encode("\n\n".join(load_documents("wiki")[:40]), bos=False,

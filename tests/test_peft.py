@@ -3,6 +3,7 @@ dropout, and bad input."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import jax
@@ -16,9 +17,13 @@ import torch
 from alpaca_jax import forward, init_params
 from alpaca_jax.config import ModelConfig
 from alpaca_jax.data.batching import pack
-from alpaca_jax.model import adapters
+from alpaca_jax.model.adapters import adapted
+from alpaca_jax.model.transform import Transform
 from alpaca_jax.peft import (add_lora, adapter_summary, is_adapter, load_peft, merge,
                              resolve_targets, save_peft)
+from alpaca_jax.peft.methods import (PEFT_METHODS, PeftMethod, get_peft_method, method_of,
+                                     register_peft_method)
+from alpaca_jax.peft.methods import lora as lora_method
 from alpaca_jax.train.loop import TrainConfig, train
 from alpaca_jax.train.split import split
 from alpaca_jax.train.step import make_train_step
@@ -172,7 +177,7 @@ def test_dropout_matches_peft_in_training_mode(base, tmp_path, dora, monkeypatch
         layer.self_attn.v_proj.lora_dropout["default"] = FixedDropout()
     pm.train()
     ref = torch_logits(pm)
-    monkeypatch.setattr(adapters, "_dropout",
+    monkeypatch.setattr(lora_method, "_dropout",
                         lambda x, rate, key: jnp.where(mask, x / (1 - rate), 0.0))
     got = np.asarray(forward(p, TOKENS, cfg, rng=jax.random.PRNGKey(0))[0])
     assert_close_logits(got, ref)
@@ -279,3 +284,105 @@ def test_bad_input_is_named(base, tmp_path):
         load_peft(params, cfg, tmp_path / "bad")
     with pytest.raises(ValueError, match="hold no adapters"):
         save_peft(params, cfg, tmp_path / "none")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Spy(Transform):
+    """`adapted`, recording what each call sees: (name, the tree's keys, whether a key came)."""
+    seen: list
+
+    def weight(self, tree, name):
+        self.seen.append((name, frozenset(tree), False))
+        return adapted.weight(tree, name)
+
+    def linear(self, x, tree, name, *, rng=None):
+        self.seen.append((name, frozenset(tree), rng is not None))
+        return adapted.linear(x, tree, name, rng=rng)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_dropout_randomness_comes_only_from_the_rng_argument(base, method):
+    _, params, cfg = base
+    p = add_lora(params, cfg, jax.random.PRNGKey(0), rank=4, dropout=0.3, method=method,
+                 targets=["q", "v", "down"])
+    for ad in p["layers"]["lora"].values():
+        ad["b"] = jnp.full_like(ad["b"], 0.5)
+    before = jax.tree_util.tree_structure(p)
+
+    def run(key):
+        spy = _Spy([])
+        out = np.asarray(forward(p, TOKENS, cfg, rng=key, materialize=spy)[0])
+        return out, spy.seen
+    a, seen = run(jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(a, run(jax.random.PRNGKey(0))[0])      # same key, same out
+    assert np.abs(a - run(jax.random.PRNGKey(1))[0]).max() > 1e-3         # another key differs
+    off, seen_off = run(None)
+    assert np.abs(a - off).max() > 1e-3
+    np.testing.assert_array_equal(off, np.asarray(forward(p, TOKENS, cfg)[0]))
+    # the key is an argument: every block kernel got one, the head and embedding did not, and
+    # no tree the transform saw (nor the params afterwards) holds an 'rng' entry
+    blocks = [(n, got) for n, keys, got in seen if "attn_norm" in keys]
+    assert blocks and all(got for _, got in blocks)
+    assert not any(got for n, keys, got in seen if "attn_norm" not in keys)
+    assert not any(got for _, _, got in seen_off)
+    assert not any("rng" in keys for _, keys, _ in seen + seen_off)
+    assert jax.tree_util.tree_structure(p) == before
+    assert not any("rng" in jax.tree_util.keystr(k)
+                   for k, _ in jax.tree_util.tree_flatten_with_path(p)[0])
+
+
+def test_the_hook_is_a_transform(base):
+    _, params, cfg = base
+    with pytest.raises(TypeError, match="materialize must be a Transform"):
+        forward(params, TOKENS, cfg, materialize=lambda tree, name: tree[name])
+
+
+def test_an_unknown_peft_method_names_the_registered_ones(base, tmp_path):
+    _, params, cfg = base
+    registered = ", ".join(PEFT_METHODS)
+    assert set(PEFT_METHODS) >= {"lora", "dora"}
+    for call in (lambda: add_lora(params, cfg, jax.random.PRNGKey(0), method="lokr"),
+                 lambda: get_peft_method("lokr")):
+        with pytest.raises(ValueError, match=rf"method 'lokr' is not a registered PEFT "
+                                             rf"method; registered: {registered}$"):
+            call()
+    # an adapter whose leaves fit no method is named, not silently treated as LoRA
+    p = add_lora(params, cfg, jax.random.PRNGKey(0), targets=["q"])
+    p["layers"]["lora"]["wq"]["extra"] = jnp.zeros((cfg.num_layers,))
+    with pytest.raises(ValueError, match="matches no registered PEFT method.*lora.*dora"):
+        forward(p, TOKENS, cfg)
+    # a file of a PEFT type no method reads
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
+    with pytest.raises(ValueError, match="'LOHA'.*matches no registered PEFT method.*lora.*dora"):
+        load_peft(params, cfg, tmp_path)
+    # registering a method that could not be told apart from LoRA is refused
+    clone = type("Clone", (PeftMethod,), {"name": "clone", "trainable": ("a", "b")})()
+    with pytest.raises(ValueError, match="same leaves as 'lora'"):
+        register_peft_method(clone)
+    assert "clone" not in PEFT_METHODS
+
+
+@pytest.mark.parametrize("name", list(PEFT_METHODS))
+def test_every_registered_method_round_trips_through_peft_files(base, tmp_path, name):
+    _, params, cfg = base
+    method = get_peft_method(name)
+    p = add_lora(params, cfg, jax.random.PRNGKey(0), rank=3, alpha=6.0, method=name,
+                 targets=["q", "o", "down"], dropout=0.1)
+    keys = iter(jax.random.split(jax.random.PRNGKey(1), 64))
+    for ad in p["layers"]["lora"].values():       # every trainable leaf off its initial value
+        for leaf in method.trainable:
+            ad[leaf] = ad[leaf] + 0.1 * jax.random.normal(next(keys), ad[leaf].shape)
+    save_peft(p, cfg, tmp_path)
+    got = load_peft(params, cfg, tmp_path)
+    assert sorted(got["layers"]["lora"]) == sorted(p["layers"]["lora"])
+    for kernel, ad in p["layers"]["lora"].items():
+        back = got["layers"]["lora"][kernel]
+        assert method_of(back) is method and set(back) == set(ad)
+        for leaf in method.trainable:
+            np.testing.assert_array_equal(np.asarray(back[leaf]), np.asarray(ad[leaf]))
+        for leaf in method.settings:
+            np.testing.assert_allclose(np.asarray(back[leaf]), np.asarray(ad[leaf]), rtol=1e-6)
+    assert {k: v["method"] for k, v in adapter_summary(got).items()} == {
+        "q": name, "o": name, "down": name}
+    assert_close_logits(np.asarray(forward(got, TOKENS, cfg)[0]),
+                        np.asarray(forward(p, TOKENS, cfg)[0]))

@@ -25,7 +25,8 @@ import numpy as np
 from alpaca_jax.config import ModelConfig
 from alpaca_jax.io.gguf_in import _LAYER_NAMES, permute_rope
 from alpaca_jax.io.layout import layer_slice
-from alpaca_jax.model.params import LAYER_KERNELS, LAYER_NORMS
+from alpaca_jax.model.params import (LAYER_KERNELS, LAYER_NORMS, LAYER_WEIGHTS, LAYERS,
+                                     WeightName)
 from alpaca_jax.quant.formats import exportable_formats, get_format
 
 FLOAT_QTYPES = ("F32", "F16")
@@ -45,9 +46,9 @@ def _check_destination(path: Path) -> None:
 
 def _tensor_plan(cfg: ModelConfig, qtype: str) -> dict:
     """{our key: GGML type name} for every 2-D weight; norms are always F32."""
-    keys = ["embed"] + [f"layers/{k}" for k in LAYER_KERNELS]
+    keys = [WeightName.parse("embed").key] + [w.key for w in LAYER_WEIGHTS]
     if not cfg.tie_embeddings:
-        keys.append("lm_head")
+        keys.append(WeightName.parse("lm_head").key)
     if qtype in FLOAT_QTYPES:
         return {k: qtype for k in keys}
     from alpaca_jax.quant.spec import QuantSpec, resolve
@@ -267,7 +268,7 @@ def _tensor_entries(params, cfg: ModelConfig, plan: dict) -> list[_Entry]:
                                lambda n=norm, i=i: _host(layer_slice(layers[n], i)), (D,)))
         for k in LAYER_KERNELS:
             inp, out = tuple(np.shape(layers[k])[1:])
-            entries.append(weight(f"blk.{i}.{_LAYER_NAMES[k]}.weight", f"layers/{k}",
+            entries.append(weight(f"blk.{i}.{_LAYER_NAMES[k]}.weight", WeightName(LAYERS, k).key,
                                   lambda k=k, i=i: layer_slice(layers[k], i), (out, inp),
                                   heads.get(k)))
     return entries

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from alpaca_jax.config import ModelConfig
-from alpaca_jax.model.params import checkpoint_layer_shapes
+from alpaca_jax.model.params import LAYERS, WeightName, checkpoint_layer_shapes
 
 PARAM_DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
 
@@ -110,8 +110,8 @@ def assemble_params(read: Callable[[str], np.ndarray | None], cfg: ModelConfig, 
                 out[j] = w.T if w.ndim == 2 else w          # transposed and converted in place
             return out[(slice(None), *index[1:])]
 
-        return jax.make_array_from_callback(full, sharding_for(sharding, f"layers/{ours}", full),
-                                            fill)
+        path = WeightName(LAYERS, ours).key
+        return jax.make_array_from_callback(full, sharding_for(sharding, path, full), fill)
 
     def single(path, name, shape, transpose=False):
         w = get(name, shape)

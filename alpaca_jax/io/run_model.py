@@ -40,9 +40,11 @@ def run_recipe(run_dir) -> dict:
     for key in ("base", "finetune"):
         if key not in recipe:
             raise RunFormatError(f"{path}: recipe has no {key!r}")
-    if recipe["finetune"] not in ("none", "full", "lora", "dora"):
+    from alpaca_jax.peft import PEFT_METHODS
+
+    if recipe["finetune"] not in ("none", "full", *PEFT_METHODS):
         raise RunFormatError(f"{path}: recipe.finetune={recipe['finetune']!r} is not one of "
-                             f"none, full, lora, dora")
+                             f"none, full, {', '.join(PEFT_METHODS)}")
     prune = recipe.get("prune")
     if prune is not None and not (isinstance(prune, dict) and isinstance(prune.get("pruned"), list)
                                   and all(isinstance(i, int) for i in prune["pruned"])):

@@ -1,30 +1,26 @@
 """The one forward pass: training, scoring, prefill and decode all go through `forward`.
 
 Blocks run under one `lax.scan` over the stacked `layers` params. Every matmul with a weight
-goes through the `materialize` hook (`model/adapters.py`): a plain function `(tree, name) ->
-weight`, or a `Transform` whose `linear(x, tree, name)` may skip forming the weight (LoRA's
-factored path). That is how LoRA, QAT and other transforms compose without touching this file.
-The default, `adapted`, applies any adapters the params hold, so they are never silently ignored.
+goes through the `materialize` hook, a `Transform` (`model/transform.py`) whose
+`linear(x, tree, name, rng=...)` may skip forming the weight (LoRA's factored path). That is how
+LoRA, QAT and other transforms compose without touching this file. The default, `adapted`
+(`model/adapters.py`), applies any adapters the params hold, so they are never silently ignored.
+A dropout key reaches the transform only as the `rng` argument: per block, then per kernel.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from alpaca_jax.config import ModelConfig
-from alpaca_jax.model.adapters import RNG, Transform, adapted, matmul
+from alpaca_jax.model.adapters import adapted
 from alpaca_jax.model.attention import Mask, attention
+from alpaca_jax.model.params import LAYER_KERNELS
 from alpaca_jax.model.remat import remat_block
 from alpaca_jax.model.rope import apply_rope, inv_frequencies, rope_cos_sin
+from alpaca_jax.model.transform import Transform, check_transform, identity  # noqa: F401
 
-Materialize = Callable[[dict, str], jax.Array]
-
-
-def identity(tree: dict, name: str) -> jax.Array:
-    """The stored weight, as is (adapters in the tree are ignored)."""
-    return tree[name]
+Materialize = Transform
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -33,20 +29,23 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (weight.astype(jnp.float32) * y).astype(x.dtype)
 
 
-def linear(x: jax.Array, tree: dict, name: str, materialize: Materialize) -> jax.Array:
-    """x @ W_eff: the single place a weight meets an activation."""
-    if isinstance(materialize, Transform):
-        return materialize.linear(x, tree, name)
-    return matmul(x, materialize(tree, name))
+def linear(x: jax.Array, tree: dict, name: str, materialize: Materialize,
+           rng=None) -> jax.Array:
+    """x @ W_eff: the single place a block's weight meets an activation. `rng` is the block's
+    key; each kernel gets its own (the kernel's index folded in)."""
+    if rng is not None:
+        rng = jax.random.fold_in(rng, LAYER_KERNELS.index(name))
+    return materialize.linear(x, tree, name, rng=rng)
 
 
-def block(h, lp, cos, sin, kv_BxSxGxK, write_at, mask: Mask, cfg, materialize):
-    """One pre-norm decoder block. With a cache, the new k/v are written at `write_at` first."""
+def block(h, lp, cos, sin, kv_BxSxGxK, write_at, mask: Mask, cfg, materialize, rng=None):
+    """One pre-norm decoder block. With a cache, the new k/v are written at `write_at` first.
+    `rng`: this block's PRNG key for stochastic transforms, or None (deterministic)."""
     B, T, _ = h.shape
     x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
-    q = linear(x, lp, "wq", materialize).reshape(B, T, cfg.num_heads, cfg.head_dim)
-    k = linear(x, lp, "wk", materialize).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    v = linear(x, lp, "wv", materialize).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    q = linear(x, lp, "wq", materialize, rng).reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = linear(x, lp, "wk", materialize, rng).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v = linear(x, lp, "wv", materialize, rng).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv_BxSxGxK is None:
         k_all, v_all = k, v
@@ -55,11 +54,11 @@ def block(h, lp, cos, sin, kv_BxSxGxK, write_at, mask: Mask, cfg, materialize):
         k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_at, 0, 0))
         v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_at, 0, 0))
     attn = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, cfg.attention)
-    h = h + linear(attn, lp, "wo", materialize)
+    h = h + linear(attn, lp, "wo", materialize, rng)
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-    gate = linear(x, lp, "w_gate", materialize)
-    up = linear(x, lp, "w_up", materialize)
-    h = h + linear(jax.nn.silu(gate) * up, lp, "w_down", materialize)
+    gate = linear(x, lp, "w_gate", materialize, rng)
+    up = linear(x, lp, "w_up", materialize, rng)
+    h = h + linear(jax.nn.silu(gate) * up, lp, "w_down", materialize, rng)
     return h, k_all, v_all
 
 
@@ -77,7 +76,8 @@ def causal_inputs(B: int, T: int, positions=None, segment_ids=None):
 def embed_tokens(params, tokens_BxT, cfg: ModelConfig,
                  materialize: Materialize = adapted) -> jax.Array:
     """The residual stream entering block 0: embedding rows in the compute dtype."""
-    return jnp.take(materialize(params, "embed"), tokens_BxT, axis=0).astype(cfg.compute_dtype)
+    embed = materialize.weight(params, "embed")
+    return jnp.take(embed, tokens_BxT, axis=0).astype(cfg.compute_dtype)
 
 
 def next_token_nll(logits_BxTxV, tokens_BxT) -> jax.Array:
@@ -89,12 +89,10 @@ def next_token_nll(logits_BxTxV, tokens_BxT) -> jax.Array:
 def logits_of(params, h, cfg: ModelConfig, materialize: Materialize = adapted) -> jax.Array:
     """Final norm and LM head on the residual stream `h` `[B, T, D]`: float32 logits."""
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-    if cfg.tie_embeddings and isinstance(materialize, Transform):
+    if cfg.tie_embeddings:
         logits = materialize.tied_head(h, params)
-    elif cfg.tie_embeddings:
-        logits = jnp.einsum("btd,vd->btv", h, materialize(params, "embed").astype(h.dtype))
     else:
-        logits = linear(h, params, "lm_head", materialize)
+        logits = materialize.linear(h, params, "lm_head")
     return logits.astype(jnp.float32)
 
 
@@ -111,9 +109,12 @@ def forward(params: dict, tokens_BxT: jax.Array, cfg: ModelConfig, *, positions=
         shapes, so every "remove block i" candidate reuses one compiled function.
     segment_ids: `[B, T]` ints (no cache only); tokens attend only within their own segment,
         for packed sequences.
-    rng: a PRNG key for stochastic transforms (adapter dropout in training); each block gets
-        its own key as `tree['rng']`. None (evaluation, generation) is deterministic.
+    materialize: the `Transform` every weight goes through (default: `adapted`).
+    rng: a PRNG key for stochastic transforms (adapter dropout in training), passed down as an
+        argument: block i gets `fold_in(rng, i)`, its kernel j `fold_in(that, j)`. None
+        (evaluation, generation) is deterministic.
     """
+    check_transform(materialize)
     B, T = tokens_BxT.shape
     L = cfg.num_layers
     h = embed_tokens(params, tokens_BxT, cfg, materialize)
@@ -141,10 +142,9 @@ def forward(params: dict, tokens_BxT: jax.Array, cfg: ModelConfig, *, positions=
     def body(carry, xs):
         h, kc, vc = carry
         lp, keep_i, i = xs
-        if rng is not None:
-            lp = {**lp, RNG: jax.random.fold_in(rng, i)}
+        key = None if rng is None else jax.random.fold_in(rng, i)
         kv = None if kc is None else (kc[i], vc[i])
-        h_new, k_all, v_all = block(h, lp, cos, sin, kv, write_at, mask, cfg, materialize)
+        h_new, k_all, v_all = block(h, lp, cos, sin, kv, write_at, mask, cfg, materialize, key)
         h = jnp.where(keep_i, h_new, h)
         if kc is not None:
             kc = jax.lax.dynamic_update_index_in_dim(kc, k_all, i, 0)

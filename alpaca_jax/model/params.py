@@ -8,14 +8,60 @@ import. Layout (docs/ARCHITECTURE.md):
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from alpaca_jax.config import ModelConfig
 
+LAYERS = "layers"            # the scope of per-block leaves (stacked, layer axis first)
 LAYER_KERNELS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 LAYER_NORMS = ("attn_norm", "mlp_norm")
+TOP_WEIGHTS = ("embed", "lm_head")
+ADAPTERS = "lora"            # adapters live under params['layers'][ADAPTERS] (peft/)
+
+
+class WeightName(NamedTuple):
+    """One leaf of the params tree by scope and name: `("layers", "wq")` (a per-block kernel,
+    stacked; a transform sees it as `"wq"` in one block's tree) or `(None, "embed")`. `key` is
+    the flat form used by quantization specs, GGUF plans and sharding paths (`"layers/wq"`,
+    `"embed"`); this is the one place that builds or splits it."""
+    scope: str | None
+    kernel: str
+
+    @property
+    def key(self) -> str:
+        return self.kernel if self.scope is None else f"{self.scope}/{self.kernel}"
+
+    @classmethod
+    def parse(cls, name: str) -> "WeightName":
+        """From a flat key (`"layers/wq"`, `"embed"`) or a transform's name (`"wq"`, a block
+        leaf; `"embed"`, `"lm_head"`)."""
+        scope, sep, kernel = name.rpartition("/")
+        if sep:
+            if scope != LAYERS or kernel not in LAYER_KERNELS + LAYER_NORMS:
+                raise ValueError(f"{name!r} is not a leaf of the params tree")
+            return cls(LAYERS, kernel)
+        if name in TOP_WEIGHTS:
+            return cls(None, name)
+        if name in LAYER_KERNELS + LAYER_NORMS:
+            return cls(LAYERS, name)
+        raise ValueError(f"{name!r} is not a weight of the params tree (expected one of "
+                         f"{TOP_WEIGHTS + LAYER_KERNELS + LAYER_NORMS} or 'layers/<name>')")
+
+    def get(self, params: dict):
+        return params[self.kernel] if self.scope is None else params[self.scope][self.kernel]
+
+    def put(self, params: dict, value) -> dict:
+        """A shallow copy of `params` with this leaf replaced."""
+        if self.scope is None:
+            return {**params, self.kernel: value}
+        return {**params, self.scope: {**params[self.scope], self.kernel: value}}
+
+
+LAYER_WEIGHTS = tuple(WeightName(LAYERS, k) for k in LAYER_KERNELS)
 
 
 def param_shapes(cfg: ModelConfig) -> dict:

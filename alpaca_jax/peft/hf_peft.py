@@ -1,9 +1,12 @@
 """Adapters in HF PEFT's on-disk format: `adapter_config.json` + `adapter_model.safetensors`.
 
 Tensor names are PEFT's for a `LlamaForCausalLM` base:
-`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` `[r, in]`, `lora_B.weight`
-`[out, r]`, and for DoRA `lora_magnitude_vector` `[out]`. The project's kernels are `[in, out]`,
-so A and B are transposed on the way in and out. The scale of each module follows PEFT's rules
+`base_model.model.model.layers.{i}.self_attn.q_proj.<kind>`, where each registered PEFT method
+(`peft/methods/`) names its kinds and converts one layer's tensors (`to_hf`, `from_hf`): LoRA's
+`lora_A.weight` `[r, in]` and `lora_B.weight` `[out, r]` (transposes of our `[in, out]`
+factors), DoRA's `lora_magnitude_vector` `[out]` besides. Which method a file holds is read from
+adapter_config.json (`peft_type`, and the method's `hf_config` entries such as `use_dora`).
+The scale of each module follows PEFT's rules
 (`lora_alpha / r`, or `/ sqrt(r)` with `use_rslora`; `rank_pattern` / `alpha_pattern` keys
 matched against the module name as PEFT's `get_pattern_key` does). Layers a PEFT adapter leaves
 untouched get zero adapters (exactly no change), and ranks that differ between layers are
@@ -22,17 +25,35 @@ import jax.numpy as jnp
 import numpy as np
 
 from alpaca_jax.config import ModelConfig
-from alpaca_jax.model.adapters import ADAPTERS
-from alpaca_jax.model.params import check_params
+from alpaca_jax.model.params import ADAPTERS, check_params
 from alpaca_jax.peft.lora import check_adapters, has_adapters
+from alpaca_jax.peft.methods import PEFT_METHODS, PeftMethod, method_of
 from alpaca_jax.peft.targets import FROM_HF_MODULE, HF_MODULE
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_KEY = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\."
-    r"(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\."
-    r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$")
+
+
+def _key_pattern(method: PeftMethod) -> re.Pattern:
+    """A tensor name of `method` on a decoder linear layer: (layer, module, kind)."""
+    kinds = "|".join(re.escape(k) for k in method.hf_tensors)
+    return re.compile(
+        r"^(?:base_model\.model\.)?model\.layers\.(\d+)\."
+        r"(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\."
+        rf"({kinds})(?:\.weight)?$")
+
+
+def _method_of_config(conf: dict, path: Path) -> PeftMethod:
+    hits = [m for m in PEFT_METHODS.values() if m.matches_hf_config(conf)]
+    if len(hits) != 1:
+        described = "; ".join(
+            f"{m.name}: peft_type {m.hf_peft_type}"
+            + "".join(f", {k}={v}" for k, v in m.hf_config.items())
+            for m in PEFT_METHODS.values())
+        what = "matches no" if not hits else f"matches several ({[m.name for m in hits]})"
+        raise ValueError(f"{path}: peft_type {conf.get('peft_type')!r} with this config "
+                         f"{what} registered PEFT method ({described})")
+    return hits[0]
 # settings that change what the adapter computes and that this loader does not implement
 _UNSUPPORTED = {
     "fan_in_fan_out": False, "lora_bias": False, "use_qalora": False,
@@ -56,9 +77,7 @@ def _read_config(adapter_dir: Path) -> dict:
         conf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if conf.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type {conf.get('peft_type')!r} is not supported "
-                         "(only LORA, with or without use_dora)")
+    _method_of_config(conf, path)
     for key, neutral in _UNSUPPORTED.items():
         value = conf.get(key, neutral)
         if value not in (neutral, [], {}, None, False):
@@ -80,6 +99,8 @@ def load_peft(params: dict, cfg: ModelConfig, adapter_dir) -> dict:
         other = sorted(p.name for p in adapter_dir.glob("adapter_model.*"))
         raise FileNotFoundError(f"{adapter_dir}: no {WEIGHTS_FILE}" + (
             f" (found {other}; re-save it with safe_serialization=True)" if other else ""))
+    method = _method_of_config(conf, adapter_dir / CONFIG_FILE)
+    key_re = _key_pattern(method)
     check_params(params, cfg)
     if has_adapters(params):
         raise ValueError("params already hold adapters; merge them before loading another")
@@ -90,11 +111,12 @@ def load_peft(params: dict, cfg: ModelConfig, adapter_dir) -> dict:
 
     found: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     for key, value in tensors.items():
-        m = _KEY.match(key)
+        m = key_re.match(key)
         if m is None:
-            raise ValueError(f"{weights}: tensor {key!r} is not a LoRA/DoRA weight of a LLaMA "
-                             "decoder linear layer; this loader cannot place it")
-        layer, module, kind = int(m.group(1)), m.group(2), m.group(3).split(".")[0]
+            raise ValueError(f"{weights}: tensor {key!r} is not a {method.name} weight "
+                             f"({', '.join(method.hf_tensors)}) of a LLaMA decoder linear "
+                             "layer; this loader cannot place it")
+        layer, module, kind = int(m.group(1)), m.group(2), m.group(3)
         if layer >= cfg.num_layers:
             raise ValueError(f"{weights}: tensor {key!r} is for layer {layer}, but the model has "
                              f"{cfg.num_layers} layers")
@@ -102,38 +124,31 @@ def load_peft(params: dict, cfg: ModelConfig, adapter_dir) -> dict:
     if not found:
         raise ValueError(f"{weights} holds no LoRA tensors")
 
-    use_dora, rslora = bool(conf.get("use_dora", False)), bool(conf.get("use_rslora", False))
+    rslora = bool(conf.get("use_rslora", False))
     rank_pattern, alpha_pattern = conf.get("rank_pattern") or {}, conf.get("alpha_pattern") or {}
     L = cfg.num_layers
     group = {}
     for name, per_layer in found.items():
         w = np.asarray(params["layers"][name])
         _, d_in, d_out = w.shape
-        ranks = {}
+        ranks, leaves = {}, {}
+        need = set(method.hf_tensors)
         for i, t in sorted(per_layer.items()):
             where = f"{weights}: layer {i} {HF_MODULE[name]}"
-            need = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if use_dora else set())
             if set(t) != need:
-                raise ValueError(f"{where} has {sorted(t)}, expected {sorted(need)}"
-                                 + (" (adapter_config says use_dora)" if use_dora else ""))
-            a, b = t["lora_A"], t["lora_B"]
-            if a.ndim != 2 or b.ndim != 2 or a.shape[1] != d_in or b.shape[0] != d_out \
-                    or a.shape[0] != b.shape[1]:
-                raise ValueError(f"{where}: lora_A {a.shape} / lora_B {b.shape} do not fit the "
-                                 f"model's [{d_out}, {d_in}] weight (expected [r, {d_in}] and "
-                                 f"[{d_out}, r])")
-            if use_dora and t["lora_magnitude_vector"].shape != (d_out,):
-                raise ValueError(f"{where}: lora_magnitude_vector "
-                                 f"{t['lora_magnitude_vector'].shape}, expected ({d_out},)")
-            ranks[i] = a.shape[0]
+                raise ValueError(f"{where} has {sorted(t)}, expected {sorted(need)} "
+                                 f"({CONFIG_FILE} describes a {method.name} adapter)")
+            leaves[i] = method.from_hf(t, d_in, d_out, where)
+            ranks[i] = method.rank(leaves[i])
         r_max = max(ranks.values())
-        A = np.zeros((L, d_in, r_max), np.float32)
-        B = np.zeros((L, r_max, d_out), np.float32)
+        # layers the file leaves out keep their weight: the method's neutral leaves; ranks
+        # below r_max are zero-padded (each layer's leaves fill the leading corner)
+        stacked = method.neutral(w, r_max)
         scale = np.zeros((L,), np.float32)
-        for i, t in per_layer.items():
+        for i in per_layer:
             r = ranks[i]
-            A[i, :, :r], B[i, :r, :] = t["lora_A"].astype(np.float32).T, t["lora_B"].astype(
-                np.float32).T
+            for leaf, x in leaves[i].items():
+                stacked[leaf][i][tuple(slice(0, n) for n in x.shape)] = x
             module = f"model.layers.{i}.{HF_MODULE[name]}"
             r_conf = _pattern_value(rank_pattern, module, conf.get("r", r))
             if r_conf != r:
@@ -141,15 +156,10 @@ def load_peft(params: dict, cfg: ModelConfig, adapter_dir) -> dict:
                                  f"{CONFIG_FILE} says {r_conf}")
             alpha = _pattern_value(alpha_pattern, module, conf.get("lora_alpha", 8))
             scale[i] = alpha / math.sqrt(r) if rslora else alpha / r
-        ad = {"a": jnp.asarray(A), "b": jnp.asarray(B), "scale": jnp.asarray(scale),
-              "dropout": jnp.full((L,), float(conf.get("lora_dropout", 0.0)), jnp.float32)}
-        if use_dora:
-            # layers without an adapter keep their weight: m = its column norms, zero delta
-            m = np.sqrt(np.sum(np.square(w.astype(np.float32)), axis=1))
-            for i, t in per_layer.items():
-                m[i] = t["lora_magnitude_vector"].astype(np.float32)
-            ad["m"] = jnp.asarray(m)
-        group[name] = ad
+        group[name] = {**{k: jnp.asarray(v) for k, v in stacked.items()},
+                       "scale": jnp.asarray(scale),
+                       "dropout": jnp.full((L,), float(conf.get("lora_dropout", 0.0)),
+                                           jnp.float32)}
     out = {**params, "layers": {**params["layers"], ADAPTERS: group}}
     check_adapters(out, cfg)
     return out
@@ -165,10 +175,12 @@ def save_peft(params: dict, cfg: ModelConfig, adapter_dir, base_model_name_or_pa
         raise ValueError("params hold no adapters to save (add_lora or load_peft first)")
     check_adapters(params, cfg)
     group = params["layers"][ADAPTERS]
-    kinds = {"m" in ad for ad in group.values()}
-    if len(kinds) > 1:
-        raise ValueError("some targets are DoRA and some plain LoRA; PEFT's use_dora is global")
-    use_dora = kinds.pop()
+    methods = {name: method_of(ad) for name, ad in group.items()}
+    if len(set(methods.values())) > 1:
+        raise ValueError("the targets use different PEFT methods "
+                         f"({ {HF_MODULE[n]: m.name for n, m in methods.items()} }); a PEFT "
+                         f"{CONFIG_FILE} has one method for every module")
+    method = next(iter(methods.values()))
     drops = {float(x) for ad in group.values() for x in np.asarray(ad["dropout"])}
     if len(drops) > 1:
         raise ValueError(f"adapter dropout differs between modules ({sorted(drops)}); PEFT "
@@ -176,29 +188,28 @@ def save_peft(params: dict, cfg: ModelConfig, adapter_dir, base_model_name_or_pa
 
     tensors, ranks, alphas = {}, {}, {}
     for name, ad in group.items():
-        r = int(ad["a"].shape[-1])
+        r = method.rank(ad)
         ranks[name] = r
-        a, b, scale = np.asarray(ad["a"]), np.asarray(ad["b"]), np.asarray(ad["scale"])
+        scale = np.asarray(ad["scale"])
+        host = {k: np.asarray(ad[k]) for k in method.trainable}
         for i in range(cfg.num_layers):
             module = f"model.layers.{i}.{HF_MODULE[name]}"
             prefix = f"base_model.model.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a[i].T, np.float32)
-            tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b[i].T, np.float32)
-            if use_dora:
-                tensors[f"{prefix}.lora_magnitude_vector"] = np.asarray(ad["m"][i], np.float32)
+            for kind, x in method.to_hf({k: v[i] for k, v in host.items()}).items():
+                tensors[f"{prefix}.{method.hf_tensors[kind]}"] = x
             # the scale is stored in float32: print alpha at float32 precision (5.0, not 4.9999999)
             alphas[module] = float(f"{float(scale[i]) * r:.7g}")
     r_default = Counter(ranks.values()).most_common(1)[0][0]
     alpha_default = Counter(alphas.values()).most_common(1)[0][0]
     conf = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path":
+        "peft_type": method.hf_peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path":
             None if base_model_name_or_path is None else str(base_model_name_or_path),
         "r": r_default, "lora_alpha": alpha_default, "lora_dropout": drops.pop(),
         "target_modules": sorted(HF_MODULE[n].split(".")[-1] for n in group),
         "rank_pattern": {HF_MODULE[n].split(".")[-1]: r for n, r in ranks.items()
                          if r != r_default},
         "alpha_pattern": {re.escape(mod): a for mod, a in alphas.items() if a != alpha_default},
-        "use_dora": use_dora, "use_rslora": False, "bias": "none", "fan_in_fan_out": False,
+        **method.hf_config, "use_rslora": False, "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
         "inference_mode": True,
     }

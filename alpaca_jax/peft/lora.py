@@ -1,6 +1,7 @@
-"""LoRA and DoRA as `params -> params` transforms: `add_lora` puts adapters in the tree (layout in
-`alpaca_jax.model.adapters`), `merge` folds them into the base weights, `is_adapter` is the
-trainable predicate for `train(..., trainable=is_adapter)`."""
+"""Adapters as `params -> params` transforms, for any registered PEFT method (LoRA, DoRA:
+`peft/methods/`): `add_lora` puts adapters in the tree (layout in `alpaca_jax.model.adapters`),
+`merge` folds them into the base weights, `is_adapter` is the trainable predicate for
+`train(..., trainable=is_adapter)`."""
 from __future__ import annotations
 
 import math
@@ -11,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from alpaca_jax.config import ModelConfig
-from alpaca_jax.model.adapters import ADAPTER_WEIGHTS, ADAPTERS, effective_weight
-from alpaca_jax.model.params import check_params
+from alpaca_jax.model.params import ADAPTERS, check_params
+from alpaca_jax.peft.methods import (PEFT_METHODS, effective_weight, get_peft_method, method_of,
+                                     trainable_leaves)
 from alpaca_jax.peft.targets import KERNELS, resolve_targets
 
-METHODS = ("lora", "dora")
+METHODS = tuple(PEFT_METHODS)   # the built-in methods at import; the registry is PEFT_METHODS
 SCALINGS = ("standard", "rslora")
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -28,9 +30,11 @@ def lora_scale(alpha: float, rank: int, scaling: str) -> float:
 
 
 def is_adapter(path: str) -> bool:
-    """Trainable predicate: adapter weights (a, b and DoRA's m), not their fixed settings and
-    not the base model. `path` is a `jax.tree_util.keystr`."""
-    return f"['{ADAPTERS}']" in path and path.endswith(tuple(f"['{k}']" for k in ADAPTER_WEIGHTS))
+    """Trainable predicate: adapter weights (each registered method's `trainable` leaves: a, b
+    and DoRA's m), not their fixed settings and not the base model. `path` is a
+    `jax.tree_util.keystr`."""
+    return f"['{ADAPTERS}']" in path and path.endswith(
+        tuple(f"['{k}']" for k in trainable_leaves()))
 
 
 def has_adapters(params: dict) -> bool:
@@ -45,18 +49,19 @@ def check_settings(rank, alpha, dropout, method, scaling) -> None:
         raise ValueError(f"adapter alpha must be > 0, got {alpha!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"adapter dropout must be in [0, 1), got {dropout!r}")
-    if method not in METHODS:
-        raise ValueError(f"adapter method {method!r} is not one of {METHODS}")
+    get_peft_method(method)
     lora_scale(alpha, rank, scaling)
 
 
 def add_lora(params: dict, cfg: ModelConfig, key: jax.Array, rank: int = 8, alpha: float = 16.0,
              targets: str | Iterable[str] = DEFAULT_TARGETS, dropout: float = 0.0,
              method: str = "lora", scaling: str = "standard") -> dict:
-    """Params with adapters beside each targeted kernel of every block, initialised as PEFT does
-    (A ~ kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(in)), B = 0; DoRA's m = the column norms of W),
-    so the model's output is unchanged until training moves B."""
+    """Params with adapters of the registered PEFT `method` (`PEFT_METHODS`) beside each
+    targeted kernel of every block, initialised as PEFT does (A ~ kaiming-uniform(a=sqrt(5)) =
+    U(+-1/sqrt(in)), B = 0; DoRA's m = the column norms of W), so the model's output is
+    unchanged until training moves B."""
     check_settings(rank, alpha, dropout, method, scaling)
+    peft_method = get_peft_method(method)
     check_params(params, cfg)
     if has_adapters(params):
         raise ValueError("params already hold adapters "
@@ -72,14 +77,9 @@ def add_lora(params: dict, cfg: ModelConfig, key: jax.Array, rank: int = 8, alph
             raise ValueError(f"adapter rank {rank} exceeds the smaller dimension of {name} "
                              f"({KERNELS[name][0]}: [{d_in}, {d_out}]); use rank <= "
                              f"{min(d_in, d_out)}")
-        bound = 1.0 / math.sqrt(d_in)
-        ad = {"a": jax.random.uniform(k, (L, d_in, rank), jnp.float32, -bound, bound),
-              "b": jnp.zeros((L, rank, d_out), jnp.float32),
-              "scale": jnp.full((L,), scale, jnp.float32),
-              "dropout": jnp.full((L,), dropout, jnp.float32)}
-        if method == "dora":
-            ad["m"] = jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=1))
-        group[name] = ad
+        group[name] = {**peft_method.init(k, w, rank),
+                       "scale": jnp.full((L,), scale, jnp.float32),
+                       "dropout": jnp.full((L,), dropout, jnp.float32)}
     return {**params, "layers": {**params["layers"], ADAPTERS: group}}
 
 
@@ -109,7 +109,7 @@ def adapter_summary(params: dict) -> dict:
     for name, ad in params.get("layers", {}).get(ADAPTERS, {}).items():
         scale, drop = np.asarray(ad["scale"]), np.asarray(ad["dropout"])
         out[KERNELS[name][0]] = {
-            "method": "dora" if "m" in ad else "lora", "rank": int(ad["a"].shape[-1]),
+            "method": method_of(ad).name, "rank": method_of(ad).rank(ad),
             "scale": float(scale[0]) if np.all(scale == scale[0]) else scale.tolist(),
             "dropout": float(drop[0]) if np.all(drop == drop[0]) else drop.tolist()}
     return out
@@ -124,13 +124,12 @@ def check_adapters(params: dict, cfg: ModelConfig) -> None:
         if name not in KERNELS:
             raise ValueError(f"{where}: {name!r} is not a linear layer of a block")
         _, d_in, d_out = params["layers"][name].shape
-        missing = {"a", "b", "scale", "dropout"} - set(ad)
-        if missing:
-            raise ValueError(f"{where} lacks {sorted(missing)}")
-        r = np.shape(ad["a"])[-1]
-        want = {"a": (L, d_in, r), "b": (L, r, d_out), "scale": (L,), "dropout": (L,)}
-        if "m" in ad:
-            want["m"] = (L, d_out)
+        try:
+            method = method_of(ad)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        r = method.rank(ad)
+        want = {**method.shapes(L, d_in, d_out, r), **{s: (L,) for s in method.settings}}
         for leaf, shape in want.items():
             if tuple(np.shape(ad[leaf])) != shape:
                 raise ValueError(f"{where}['{leaf}'] has shape {tuple(np.shape(ad[leaf]))}, "

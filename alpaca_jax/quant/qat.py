@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import jax
 
 from alpaca_jax.config import ModelConfig
-from alpaca_jax.model.adapters import Transform, adapted, matmul
+from alpaca_jax.model.adapters import adapted
+from alpaca_jax.model.params import WeightName
+from alpaca_jax.model.transform import Transform, matmul
 from alpaca_jax.peft.lora import merge
 from alpaca_jax.quant.formats import Quantized, fake_quant, get_format, quantize
 from alpaca_jax.quant.spec import QuantSpec, block_axis, resolve
@@ -21,7 +23,11 @@ from alpaca_jax.quant.spec import QuantSpec, block_axis, resolve
 class FakeQuant(Transform):
     """Fake-quantized weights (straight-through gradients) over an inner transform (adapters).
     `formats` is `resolve(spec, cfg)` as a tuple of (name, format) pairs, so the transform is
-    hashable and can be a static argument of jitted functions."""
+    hashable and can be a static argument of jitted functions.
+
+    A quantized weight is formed whole, `Q(inner.weight(...))`, so adapter dropout (the `rng`
+    of `linear`) does not reach adapters under a quantized weight; unquantized weights pass
+    `rng` to the inner transform."""
     formats: tuple
     activations: bool = False
     inner: Transform = adapted
@@ -31,18 +37,17 @@ class FakeQuant(Transform):
         return FakeQuant(tuple(sorted(resolve(spec, cfg).items())), spec.activations)
 
     def _fmt(self, tree, name):
-        key = name if name in ("embed", "lm_head") else f"layers/{name}"
-        return dict(self.formats).get(key)
+        return dict(self.formats).get(WeightName.parse(name).key)
 
     def weight(self, tree, name):
         w = self.inner.weight(tree, name)
         fmt = self._fmt(tree, name)
         return w if fmt is None else fake_quant(w, fmt, axis=block_axis(name))
 
-    def linear(self, x, tree, name):
+    def linear(self, x, tree, name, *, rng=None):
         fmt = self._fmt(tree, name)
         if fmt is None:
-            return self.inner.linear(x, tree, name)
+            return self.inner.linear(x, tree, name, rng=rng)
         # Rematerialised: the backward recomputes Q(W_eff) from the stored weight and adapters
         # instead of keeping one fake-quantized copy (and the quantizer's intermediates) per
         # layer alive from the forward; that made QAT + LoRA temporaries 3-4x LoRA's.
@@ -76,23 +81,17 @@ def _quantized_leaves(params: dict, spec: QuantSpec, cfg):
     """(key, weight, format) for every weight the spec quantizes (`layers/<kernel>`, `embed`,
     `lm_head`)."""
     for key, fmt in resolve(spec, _shape_cfg(params, cfg)).items():
-        if key.startswith("layers/"):
-            yield key, params["layers"][key.split("/", 1)[1]], fmt
-        else:
-            yield key, params[key], fmt
+        yield key, WeightName.parse(key).get(params), fmt
 
 
 def ptq(params: dict, spec: QuantSpec, cfg: ModelConfig | None = None) -> dict:
     """Round-to-nearest post-training quantization: adapters merged, every quantized weight
     replaced by its dequantized value (the float model llama.cpp runs, up to activations)."""
     params = merge(params)
-    out = {**params, "layers": dict(params["layers"])}
+    out = params
     for key, w, fmt in _quantized_leaves(params, spec, cfg):
         deq = jax.jit(lambda w: fake_quant(w, fmt, axis=block_axis(key)))(w)
-        if key.startswith("layers/"):
-            out["layers"][key.split("/", 1)[1]] = deq
-        else:
-            out[key] = deq
+        out = WeightName.parse(key).put(out, deq)
     return out
 
 

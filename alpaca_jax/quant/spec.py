@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alpaca_jax.config import ModelConfig
-from alpaca_jax.model.params import LAYER_KERNELS
+from alpaca_jax.model.params import LAYER_WEIGHTS, WeightName
 from alpaca_jax.quant.formats import parse_format
 
 AUTO, KEEP = "auto", "none"
@@ -41,7 +41,7 @@ def resolve(spec: QuantSpec, cfg: ModelConfig) -> dict[str, str]:
     contracted dimension that is not a multiple of the block size."""
     fmt = parse_format(spec.weights)
     w = fmt.name
-    out = {f"layers/{k}": w for k in LAYER_KERNELS}
+    out = {wn.key: w for wn in LAYER_WEIGHTS}
 
     def pick(choice, default):
         if choice == AUTO:
@@ -62,17 +62,17 @@ def resolve(spec: QuantSpec, cfg: ModelConfig) -> dict[str, str]:
     elif spec.head not in (AUTO, KEEP, None) and pick(spec.head, None) != e:
         raise ValueError(f"quant head={spec.head!r} differs from embed={e!r}, but this model "
                          "ties its embeddings: they are one tensor")
-    dims = {"layers/wq": cfg.hidden_size, "layers/wk": cfg.hidden_size,
-            "layers/wv": cfg.hidden_size, "layers/wo": cfg.q_size,
-            "layers/w_gate": cfg.hidden_size, "layers/w_up": cfg.hidden_size,
-            "layers/w_down": cfg.intermediate_size, "embed": cfg.hidden_size,
-            "lm_head": cfg.hidden_size}
+    dims = {"wq": cfg.hidden_size, "wk": cfg.hidden_size, "wv": cfg.hidden_size,
+            "wo": cfg.q_size, "w_gate": cfg.hidden_size, "w_up": cfg.hidden_size,
+            "w_down": cfg.intermediate_size, "embed": cfg.hidden_size,
+            "lm_head": cfg.hidden_size}       # the contracted dimension, by kernel
     for name, fmt in out.items():
         f = parse_format(fmt)
         block = f.block or 1
-        if dims[name] % block:
+        dim = dims[WeightName.parse(name).kernel]
+        if dim % block:
             raise ValueError(
-                f"cannot quantize {name} to {fmt}: its contracted dimension {dims[name]} is not a "
+                f"cannot quantize {name} to {fmt}: its contracted dimension {dim} is not a "
                 f"multiple of the block size {block} (llama.cpp's converter would fall back to "
                 "F16 for such a tensor; pick another format for it or keep it with 'none')")
     return out

@@ -12,10 +12,11 @@ EVAL_STAGES = ("baseline", "evaluate")
 
 
 def check_peft(p) -> None:
-    from alpaca_jax.peft import check_settings, resolve_targets
+    from alpaca_jax.peft import PEFT_METHODS, check_settings, resolve_targets
 
-    if p.method not in ("none", "lora", "dora"):
-        raise ValueError(f"peft.method={p.method!r} is not one of none, lora, dora")
+    if p.method != "none" and p.method not in PEFT_METHODS:
+        raise ValueError(f"peft.method={p.method!r} is not one of none (full fine-tuning), "
+                         f"{', '.join(PEFT_METHODS)}")
     if p.method != "none":
         check_settings(p.rank, p.alpha, p.dropout, p.method, p.scaling)
         resolve_targets(p.targets)

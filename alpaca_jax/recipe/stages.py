@@ -170,7 +170,7 @@ def _replay_heal(st: State, recipe: dict, run_dir: Path) -> None:
     from alpaca_jax.peft import load_peft
 
     st.finetune = recipe["finetune"]
-    if st.finetune in ("lora", "dora"):
+    if st.finetune not in ("none", "full"):     # a registered PEFT method
         st.params = load_peft(st.params, st.cfg, adapter_dir(run_dir, recipe))
     elif st.finetune == "full":
         st.params = restore_full(st.params, run_dir)

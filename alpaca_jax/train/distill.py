@@ -49,7 +49,8 @@ import jax
 import jax.numpy as jnp
 
 from alpaca_jax.config import ModelConfig
-from alpaca_jax.model.adapters import Transform, adapted
+from alpaca_jax.model.adapters import adapted
+from alpaca_jax.model.transform import Transform
 from alpaca_jax.model.forward import forward
 
 OBJECTIVES = ("sft", "kd", "kd+sft")
@@ -181,8 +182,8 @@ class _HeadOff(Transform):
     def weight(self, tree, name):
         return self.inner.weight(tree, name)
 
-    def linear(self, x, tree, name):
-        return x if name == "lm_head" else self.inner.linear(x, tree, name)
+    def linear(self, x, tree, name, *, rng=None):
+        return x if name == "lm_head" else self.inner.linear(x, tree, name, rng=rng)
 
     def tied_head(self, h, params):
         return h
@@ -241,8 +242,6 @@ def distill_sums(params, teacher_params, t_out, batch, cfg, obj: Objective,
         nll, kd = token_losses(logits[:, :-1], t_out[:, :-1], tokens[:, 1:], obj.tau)
         s, s_nll, s_kd = _combine(nll, kd, mask, obj)
         return s, n, {"nll": s_nll, "kd": s_kd}
-    if not isinstance(materialize, Transform):
-        raise TypeError("distill.chunk needs a Transform as the student's materialize hook")
     h_s, _ = forward(params, tokens, cfg, positions=batch["positions"], segment_ids=seg,
                      materialize=_HeadOff(materialize), rng=rng)
     B, T = tokens.shape
