@@ -88,9 +88,17 @@ def check_stages(job: Job) -> list[str]:
 
     for key in ("stages", "skip"):
         for s in getattr(job, key):
-            if s not in STAGES:
-                raise ValueError(f"{key}: unknown stage {s!r}; stages are {', '.join(STAGES)}")
-    stages = [s for s in job.stages if s not in job.skip]
+            if s not in STAGES and s != "load":
+                raise ValueError(f"{key}: unknown stage {s!r}; stages are {', '.join(STAGES)} "
+                                 f"(load is implicit and first)")
+    if "load" in job.stages and job.stages[0] != "load":
+        raise ValueError(f"stages={list(job.stages)}: {job.stages[0]!r} cannot run before load "
+                         f"(every stage needs the model); put load first or leave it out")
+    if "load" in job.skip:
+        raise ValueError("skip: load cannot be skipped; every stage needs the model")
+    stages = [s for s in job.stages if s not in job.skip and s != "load"]
+    if not stages:
+        raise ValueError(f"stages={list(job.stages)} skip={list(job.skip)}: nothing to run")
     once = [s for s in stages if s != "evaluate"]
     if len(set(once)) != len(once):
         raise ValueError(f"stages={list(job.stages)} lists a stage twice (only evaluate may be)")
