@@ -143,3 +143,15 @@ def test_a_finished_runs_model_is_not_changed_by_a_replay(tmp_path):
     job = dataclasses.replace(Job(stages=["evaluate"]), run_dir=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="no such file"):
         check_settings(job)
+
+
+def test_the_archived_runs_still_tabulate():
+    """Every results.json under results/ (written by the apps before and after the merge)
+    is read into rows with facets and final metrics."""
+    from analysis.collect import collect
+
+    files = sorted((ROOT / "results").rglob("*.json"))
+    rows = collect(files)
+    assert len(rows) == len(files) >= 10
+    for r in rows:
+        assert r["criterion"] and r["heal"] and "params" in r and "ppl_wiki" in r, r["path"]
