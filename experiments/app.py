@@ -31,11 +31,16 @@ def to_job(cfg) -> Job:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Job), cfg))
 
 
+def register_schema() -> None:
+    """`job_schema` (the `Job` dataclass) in Hydra's config store, for the presets' defaults."""
+    ConfigStore.instance().store(name="job_schema", node=Job)
+
+
 def hydra_app(config_name: str, preset=None, after=None):
     """A Hydra main over `conf/<config_name>.yaml`: the composed config becomes a `Job`;
     `preset(job)` (an alias's stage list) may fill in what the YAML leaves to it; then the
     recipe runs in Hydra's run dir and `after(results)` reports."""
-    ConfigStore.instance().store(name="job_schema", node=Job)
+    register_schema()
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
     def main(cfg) -> None:

@@ -105,10 +105,10 @@ def test_angular_block_scores_and_selection(hf_and_jax):
 
 
 def test_angular_is_a_setting_of_the_one_app():
-    from experiments.app import CONF_DIR, hydra_app, to_job
+    from experiments.app import CONF_DIR, register_schema, to_job
     from alpaca_jax.recipe.checks import check_prune
 
-    hydra_app("pipeline")      # registers the schema
+    register_schema()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         job = to_job(compose("pipeline", overrides=["prune.criterion=angular"]))
         assert job.prune.criterion == "angular" and job.prune.ratio == 0.2

@@ -14,7 +14,8 @@ import pytest
 
 from alpaca_jax import forward, load_model
 from alpaca_jax.export.runtime import llama_logits
-from alpaca_jax.io.run_model import RunFormatError, load_run_model
+from alpaca_jax.io.run_model import RunFormatError
+from alpaca_jax.recipe.replay import load_run_model
 from alpaca_jax.peft import add_lora, save_peft
 from alpaca_jax.peft.lora import merge
 from alpaca_jax.prune import drop_layers

@@ -136,7 +136,7 @@ def test_heal_then_prune_is_rebuilt_in_that_order(tiny_gguf, tmp_path):
     in the recipe and the facets, both terms in the history."""
     from alpaca_jax import forward
     from alpaca_jax.export.runtime import llama_logits
-    from alpaca_jax.io.run_model import load_run_model
+    from alpaca_jax.recipe.replay import load_run_model
     from alpaca_jax.peft.lora import merge
     from test_forward_parity import assert_close_logits
 

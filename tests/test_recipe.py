@@ -21,10 +21,10 @@ def _job(config: str, overrides: list[str]):
     import sys
 
     sys.path.insert(0, str(ROOT))
-    from experiments.app import hydra_app, to_job, translate
+    from experiments.app import register_schema, to_job, translate
     from experiments.finetune import RENAMES, stages
 
-    hydra_app(config)     # registers the schema
+    register_schema()
     if config in ("finetune", "prune"):
         overrides = translate(overrides, RENAMES)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -64,7 +64,7 @@ def wiki_ids(tok, n: int) -> list[int]:
 
 def export_files(params, cfg, tok, qtypes, out_dir: Path, e, recipe: dict, name: str):
     """Write one GGUF per qtype into `out_dir` and check each against the JAX model (KL over
-    `e.parity_tokens` wiki tokens, greedy answers to `e.prompts`). Returns (exports, metrics);
+    `e.parity_tokens` wiki tokens, greedy answers to `e.prompts`). Returns {qtype: entry};
     `params` must be merged."""
     import numpy as np
 
@@ -77,13 +77,12 @@ def export_files(params, cfg, tok, qtypes, out_dir: Path, e, recipe: dict, name:
     chats = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]))
              for p in e.prompts]
     eos = tuple(cfg.eos_token_ids)
-    exports, metrics = {}, {}
+    exports = {}
     for qtype in qtypes:
         path = to_gguf(params, cfg, tok, out_dir / f"model-{qtype.lower()}.gguf", qtype,
                        name=name)
         info = bytes_per_token(path, context=e.prompt_tokens + e.gen_tokens // 2)
         entry = {"file": path.name, **info, "qat_grid": _qat_grid(recipe, qtype, cfg)}
-        metrics[f"{qtype}/file_mb"] = info["file_bytes"] / 2**20
         ref = _reference(qtype, cfg)
         kw = {} if ref is None else {"materialize": ref}
         if parity_ids:
@@ -93,8 +92,6 @@ def export_files(params, cfg, tok, qtypes, out_dir: Path, e, recipe: dict, name:
                                "reference": "float" if ref is None else "fake-quant, activations",
                                "ppl_llama_cpp": perplexity_of_logits(theirs, parity_ids),
                                "ppl_jax": perplexity_of_logits(ours, parity_ids)}
-            metrics[f"{qtype}/kl_mean"] = entry["parity"]["kl_mean"]
-            metrics[f"{qtype}/argmax_agreement"] = entry["parity"]["argmax_agreement"]
         if chats:
             jax_out = generate_ids(params, cfg, chats, e.max_new_tokens, eos_ids=eos, **kw)
             answers = []
@@ -113,10 +110,9 @@ def export_files(params, cfg, tok, qtypes, out_dir: Path, e, recipe: dict, name:
                                                           - last[theirs_c[same]])
                 answers.append(a)
             entry["greedy"] = answers
-            metrics[f"{qtype}/greedy_identical"] = sum(a["identical"] for a in answers)
         exports[qtype] = entry
         print(f"{qtype}: {_summary(entry)}", flush=True)
-    return exports, metrics
+    return exports
 
 
 def bench_files(exports: dict, out_dir: Path, e, tok) -> dict:

@@ -76,10 +76,3 @@ def restore_full(params: dict, run_dir: Path) -> dict:
         raise RunFormatError(f"{run_dir}: recipe.finetune='full' but {run_dir / 'checkpoints'} "
                              f"holds no checkpoint")
     return got[1]["trainable"]
-
-
-def load_run_model(run_dir):
-    """`(params, cfg, tokenizer, recipe)` of a finished run's final model (`recipe.replay`)."""
-    from alpaca_jax.recipe.replay import load_run_model as replayed
-
-    return replayed(run_dir)

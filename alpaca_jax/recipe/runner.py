@@ -48,13 +48,12 @@ def run(job: Job, run_dir: Path, resolved: dict) -> dict:
     from alpaca_jax.data.alpaca import split_records
     from alpaca_jax.eval.suite import prepare
     from alpaca_jax.model.adapters import adapted
-    from alpaca_jax.peft import adapter_summary
     from alpaca_jax.peft.lora import merge
     from alpaca_jax.provenance import git_sha, machine, versions, write_json_atomic
     from alpaca_jax.recipe.checks import check_settings
     from alpaca_jax.recipe.data import load_instruction_records, pack_instruction_data
     from alpaca_jax.recipe.quantizing import quantizer
-    from alpaca_jax.recipe.stages import STAGES, State, eval_tags
+    from alpaca_jax.recipe.stages import STAGES, State, eval_tags, lineage
     from alpaca_jax.recipe.store import StageStore
     from alpaca_jax.tracking import finish_run, start_run
     from alpaca_jax.train.distill import check_teacher, load_teacher, teacher_stage
@@ -116,8 +115,6 @@ def run(job: Job, run_dir: Path, resolved: dict) -> dict:
         timings[tag] = round(time.time() - ts, 1)
     st.metrics["params"] = count_params(merge(st.params))
     res = st.train_result
-    from alpaca_jax.recipe.stages import _recipe
-
     results = {
         "stage": "pipeline", "name": job.name, "facets": facets(job, stages, st.prune),
         "stages": stages, "stage_time_s": timings, "metrics": st.metrics, "samples": st.samples,
@@ -125,10 +122,8 @@ def run(job: Job, run_dir: Path, resolved: dict) -> dict:
         "history": res.history if res else [], "val_history": res.val_history if res else [],
         "resumed_from": res.resumed_from if res else None,
         "checkpoint_fallbacks": res.checkpoint_fallbacks if res else [],
-        "recipe": {**_recipe(st),
+        "recipe": {**lineage(st),
                    "replayed_from": None if replayed is None else job.run_dir,
-                   "adapter": (adapter_summary(st.params) or None)
-                   if st.finetune != "none" else None,
                    "train": dataclasses.asdict(job.train) if "heal" in stages else None,
                    "objective": (None if "heal" not in stages else
                                  st.teacher.record if st.teacher is not None

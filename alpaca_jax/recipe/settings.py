@@ -66,7 +66,8 @@ class DataCfg:
 @dataclass
 class PeftCfg:
     """Group `peft`: `none` trains every weight; `lora` / `dora` train adapters only."""
-    method: str = "none"             # none | lora | dora
+    # none (full fine-tuning) | a registered PEFT method (alpaca_jax/peft/methods/: lora, dora)
+    method: str = "none"
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
@@ -81,7 +82,8 @@ class QuantCfg:
     """Group `quant`: `ptq` evaluates round-to-nearest weights (no training); `qat` trains through
     the fake quantizer (full fine-tuning, or LoRA over the quantized base with `peft=`)."""
     method: str = "none"             # none | ptq | qat
-    format: str = "q8_0"             # q8_0 | q4_0 | q4_1 | int8_channel | int4_g32 | ...
+    # a registered format (alpaca_jax/quant/formats/: q8_0, q4_0, q4_1, int8_channel, int4_g32 ...)
+    format: str = "q8_0"
     embed: str = "auto"              # auto (llama.cpp's choice) | none (float) | a format
     head: str = "auto"
     activations: bool = False        # 8-bit blocks on matmul inputs, as llama.cpp's CPU path
@@ -91,7 +93,8 @@ class QuantCfg:
 class PruneCfg:
     """Group `prune`: score blocks on calibration data and remove the least important (the
     criteria: `alpaca_jax.prune`); healing is the `heal` stage (Shortened LLaMA: LoRA r8)."""
-    criterion: str = "none"          # none | ppl | taylor | taylor+ | magnitude | bi | random
+    # none | a registered criterion (alpaca_jax/prune/criteria/: ppl, taylor+, bi, angular ...)
+    criterion: str = "none"
     n_blocks: int | None = None      # exactly one of n_blocks and ratio
     ratio: float | None = None       # of the blocks: the largest n with n / L <= ratio
     keep_first: int | None = None    # blocks never removed; None: the paper's default

@@ -259,7 +259,7 @@ def _quantize(st: State, tag: str) -> None:
 
 # -- export and benchmark --------------------------------------------------------------------
 
-def _recipe(st: State) -> dict:
+def lineage(st: State) -> dict:
     """The model's lineage as results.json records it (and `replay` reads)."""
     from alpaca_jax.peft import adapter_summary
 
@@ -280,8 +280,8 @@ def _export(st: State, tag: str) -> None:
                                                                    for q in e.qtypes]
     saved = st.store.load("export")
     if saved is None or not all((st.run_dir / x["file"]).is_file() for x in saved.values()):
-        saved, _ = export_files(merge(st.params), st.cfg, st.tok, qtypes, st.run_dir, e,
-                                _recipe(st), f"alpaca_jax {st.job.name}")
+        saved = export_files(merge(st.params), st.cfg, st.tok, qtypes, st.run_dir, e,
+                             lineage(st), f"alpaca_jax {st.job.name}")
         st.store.save("export", saved)
     st.exports = saved
     for q, x in saved.items():

@@ -103,7 +103,7 @@ def load_teacher(spec: str):
     from pathlib import Path
 
     from alpaca_jax.io.registry import load_model
-    from alpaca_jax.io.run_model import load_run_model
+    from alpaca_jax.recipe.replay import load_run_model
 
     if (Path(spec).expanduser() / "results.json").is_file():
         params, cfg, tok, _ = load_run_model(Path(spec).expanduser())
