@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 
-PARTS = ("train", "decode", "lora7b", "hf_train", "hf_decode", "hf_compile")
+PARTS = ("train", "decode", "lora7b", "hf_train", "hf_decode", "hf_compile", "hf_lora")
 
 
 def _shapes(smoke: bool) -> dict:
@@ -91,7 +91,8 @@ def _batch(vocab, B, T, seed=0):
             "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (1, B, T)).copy()}
 
 
-def _time_train(cfg, params, method, B, T, steps, rank=8):
+def _time_train(cfg, params, method, B, T, steps, rank=8, dropout=0.0, segments=True,
+                trace=None):
     """Compile, one warm-up step, then the median of `steps` steps: a dict of figures."""
     import jax
     import optax
@@ -103,9 +104,11 @@ def _time_train(cfg, params, method, B, T, steps, rank=8):
     pred = train_all
     if method != "full":
         params = add_lora(params, cfg, jax.random.PRNGKey(1), rank=rank, alpha=16.0,
-                          dropout=0.0, method=method)
+                          dropout=dropout, method=method)
         pred = is_adapter
     batch = _batch(cfg.vocab_size, B, T)
+    if not segments:    # one unpacked example per row: causal attention, no segment mask
+        del batch["segment_ids"]
     trainable, frozen = split(params, pred)
     trainable = jax.tree_util.tree_map(lambda x: x.copy(), trainable)
     opt = optax.adamw(1e-5)
@@ -123,6 +126,12 @@ def _time_train(cfg, params, method, B, T, steps, rank=8):
         trainable, state, m = step(trainable, frozen, state, batch, i + 1)
         float(m["loss"])
         times.append(time.perf_counter() - t)
+    if trace:
+        import jax.profiler
+        with jax.profiler.trace(trace, create_perfetto_trace=True):
+            for i in range(3):
+                trainable, state, m = step(trainable, frozen, state, batch, steps + i + 1)
+                float(m["loss"])
     sec = statistics.median(times)
     return {"step_s": sec, "step_s_min": min(times), "tokens_s": B * T / sec,
             "compile_s": compile_s, "loss_first": loss0, "loss_last": float(m["loss"]),
@@ -138,19 +147,27 @@ def part_train(args, S):
     base = ModelConfig(**c, compute_dtype="bfloat16")
     params = init_params(base, jax.random.PRNGKey(0), dtype=jnp.float32)
     rows = []
-    variants = [("full", "none", "auto"), ("lora", "none", "auto"), ("full", "block", "auto"),
-                ("lora", "block", "auto"), ("full", "none", "xla")]
-    for method, remat, attn in variants:
+    # (method, remat, attention, adapter dropout, packed-segment mask)
+    variants = [("full", "none", "auto", 0.0, True), ("lora", "none", "auto", 0.0, True),
+                ("full", "block", "auto", 0.0, True), ("lora", "block", "auto", 0.0, True),
+                ("full", "none", "xla", 0.0, True), ("full", "none", "auto", 0.0, False),
+                ("full", "block", "auto", 0.0, False), ("lora", "block", "auto", 0.05, True)]
+    if args.variants:   # a subset, by index into the list above
+        variants = [variants[int(i)] for i in args.variants.split(",")]
+    trace = os.environ.get("BENCH_TRACE")
+    for k, (method, remat, attn, dropout, segments) in enumerate(variants):
         cfg = base.replace(remat=remat, attention=attn)
         try:
-            r = _time_train(cfg, params, method, B, T, args.steps)
+            r = _time_train(cfg, params, method, B, T, args.steps, dropout=dropout,
+                            segments=segments, trace=trace if k == 0 else None)
         except Exception as e:  # noqa: BLE001 - report and go on to the next variant
             r = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
         flops = _flops_per_token(c, T, method == "full")
         if "tokens_s" in r:
             r["tflops"] = r["tokens_s"] * flops / 1e12
             r["mfu"] = r["tflops"] / args.peak_tflops
-        rows.append({"method": method, "remat": remat, "attention": attn, "batch": [B, T],
+        rows.append({"method": method, "remat": remat, "attention": attn, "dropout": dropout,
+                     "segments": segments, "batch": [B, T],
                      "flops_per_token": flops, **r})
         print("ROW " + json.dumps(rows[-1]), flush=True)
     return {"rows": rows, "peak_device_gib": (_peak_bytes() or 0) / 2**30}
@@ -220,12 +237,18 @@ def _hf_model(c, dtype):
     return transformers.LlamaForCausalLM(conf).to(device=dev, dtype=dtype), dev
 
 
-def _hf_train(args, S, compiled):
+def _hf_train(args, S, compiled, lora=False):
     import torch
     c, (B, T) = S["smol"], S["train_bt"]
     model, dev = _hf_model(c, torch.float32)
+    if lora:    # the Shortened LLaMA recipe through peft: rank 8, alpha 16, dropout 0.05
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.05, target_modules=[
+                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev == "cuda")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                            fused=dev == "cuda")
     fwd = torch.compile(model) if compiled else model
     ids = torch.randint(0, c["vocab_size"], (B, T), device=dev)
 
@@ -249,8 +272,9 @@ def _hf_train(args, S, compiled):
         float(step())
         times.append(time.perf_counter() - t)
     sec = statistics.median(times)
-    flops = _flops_per_token(c, T, True)
-    return {"torch": torch.__version__, "compiled": compiled, "batch": [B, T], "step_s": sec,
+    flops = _flops_per_token(c, T, not lora)
+    return {"torch": torch.__version__, "compiled": compiled, "lora": lora, "batch": [B, T],
+            "step_s": sec,
             "tokens_s": B * T / sec, "warmup_s": warm_s,
             "tflops": B * T / sec * flops / 1e12,
             "mfu": B * T / sec * flops / 1e12 / args.peak_tflops,
@@ -260,6 +284,10 @@ def _hf_train(args, S, compiled):
 
 def part_hf_train(args, S):
     return _hf_train(args, S, compiled=False)
+
+
+def part_hf_lora(args, S):
+    return _hf_train(args, S, compiled=False, lora=True)
 
 
 def part_hf_compile(args, S):
@@ -305,13 +333,14 @@ def child(args):
 
 
 def _fmt_train(rows):
-    out = [f"{'method':6s} {'remat':6s} {'attn':5s} {'step ms':>8s} {'tok/s':>9s} "
+    out = [f"{'method':6s} {'remat':6s} {'attn':5s} {'drop':4s} {'seg':3s} {'step ms':>8s} {'tok/s':>9s} "
            f"{'TFLOP/s':>8s} {'MFU':>6s} {'XLA temp GiB':>12s} {'compile s':>9s}"]
     for r in rows:
         if "error" in r:
             out.append(f"{r['method']:6s} {r['remat']:6s} {r['attention']:5s} {r['error']}")
             continue
         out.append(f"{r['method']:6s} {r['remat']:6s} {r['attention']:5s} "
+                   f"{r.get('dropout', 0):4.2f} {'yes' if r.get('segments', True) else 'no':3s} "
                    f"{1e3 * r['step_s']:8.1f} {r['tokens_s']:9,.0f} {r['tflops']:8.1f} "
                    f"{100 * r['mfu']:5.1f}% {r['xla_temp_gib']:12.2f} {r['compile_s']:9.1f}")
     return "\n".join(out)
@@ -330,6 +359,7 @@ def main():
     ap.add_argument("--part-timeout", type=float, default=300.0)
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds for the whole run: later parts get what is left, or are skipped")
+    ap.add_argument("--variants", default="", help="train: indices of the variants to run")
     ap.add_argument("--part", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.part:
@@ -351,7 +381,8 @@ def main():
         cmd = [sys.executable, __file__, "--part", part, "--steps", str(args.steps),
                "--steps-7b", str(args.steps_7b), "--new-tokens", str(args.new_tokens),
                "--decode-repeats", str(args.decode_repeats),
-               "--peak-tflops", str(args.peak_tflops)] + (["--smoke"] if args.smoke else [])
+               "--peak-tflops", str(args.peak_tflops), "--variants", args.variants] + (
+                   ["--smoke"] if args.smoke else [])
         timeout = args.part_timeout
         if args.deadline is not None:
             timeout = min(timeout, args.deadline - (time.perf_counter() - start))
@@ -392,7 +423,7 @@ def main():
         print(f"\nSmolLM2 shape, B{S_bt(args)} bf16 train step on {tr.get('device', '?')} "
               f"(jax {tr.get('jax', '?')}):")
         print(_fmt_train(tr["rows"]))
-    for p in ("hf_train", "hf_compile"):
+    for p in ("hf_train", "hf_compile", "hf_lora"):
         r = results.get(p, {})
         if "tokens_s" in r:
             print(f"{p}: {r['tokens_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}%, "

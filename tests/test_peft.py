@@ -386,3 +386,16 @@ def test_every_registered_method_round_trips_through_peft_files(base, tmp_path, 
         "q": name, "o": name, "down": name}
     assert_close_logits(np.asarray(forward(got, TOKENS, cfg)[0]),
                         np.asarray(forward(p, TOKENS, cfg)[0]))
+
+
+def test_dropout_off_the_cpu_is_the_same_function_without_a_cond(monkeypatch):
+    """On a GPU `_dropout` skips its `lax.cond` (a host sync per adapter per layer there): the
+    unconditional path must give the CPU path's masks at rate 0.05 and exactly `x` at rate 0."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 16))
+    key = jax.random.PRNGKey(7)
+    on_cpu = {r: lora_method._dropout(x, jnp.float32(r), key) for r in (0.0, 0.05)}
+    monkeypatch.setattr(lora_method.jax, "default_backend", lambda: "gpu")
+    for r, want in on_cpu.items():
+        got = jax.jit(lora_method._dropout)(x, jnp.float32(r), key)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert float(jnp.mean(on_cpu[0.05] == 0)) > 0.01   # the rate-0.05 mask dropped something

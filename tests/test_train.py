@@ -163,3 +163,18 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     train(_params(), CFG, rows, None, tc, tmp_path)
     with pytest.raises(ValueError, match="different train config"):
         train(_params(), CFG, rows, None, TrainConfig(**{**tc.__dict__, "lr": 1.0}), tmp_path)
+
+
+def test_a_batch_without_segment_ids_is_one_example_per_row():
+    """Unpacked rows may leave `segment_ids` out (causal attention alone): the same loss as
+    with one segment per row."""
+    params = _params()
+    ids = [np.arange(2, 12, dtype=np.int32)]
+    masks = [np.r_[np.zeros(3), np.ones(7)].astype(np.float32)]
+    batch = pack(ids, masks, 24).rows(np.arange(1))
+    assert np.all(np.asarray(batch["segment_ids"])[:, :10] == 1)
+    batch = {k: np.asarray(v)[:, :10] for k, v in batch.items()}
+    with_seg = loss_sums(params, batch, CFG)
+    without = loss_sums(params, {k: v for k, v in batch.items() if k != "segment_ids"}, CFG)
+    np.testing.assert_allclose(float(without[0]), float(with_seg[0]), rtol=1e-6)
+    assert float(without[1]) == float(with_seg[1]) == 7   # every response token is a target

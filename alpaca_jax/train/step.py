@@ -15,12 +15,15 @@ from alpaca_jax.train.split import combine
 def loss_sums(params, batch, cfg, materialize=adapted, rng=None):
     """(sum of NLL over loss tokens, number of loss tokens). Token t+1 is a target only when it
     is in the loss mask and in the same packed example as token t. `rng` turns on adapter
-    dropout (training)."""
-    tokens, seg = batch["tokens"], batch["segment_ids"]
+    dropout (training). A batch without `segment_ids` holds one example per row (causal
+    attention alone, no segment mask)."""
+    tokens, seg = batch["tokens"], batch.get("segment_ids")
     logits, _ = forward(params, tokens, cfg, positions=batch["positions"], segment_ids=seg,
                         materialize=materialize, rng=rng)
     nll = next_token_nll(logits, tokens)
-    mask = batch["loss_mask"][:, 1:] * (seg[:, 1:] == seg[:, :-1])
+    mask = batch["loss_mask"][:, 1:]
+    if seg is not None:
+        mask = mask * (seg[:, 1:] == seg[:, :-1])
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
