@@ -127,8 +127,8 @@ def test_quantized_logits_equal_fake_quant_with_llama_cpp_activation_rounding(ti
 
 def test_bad_input_is_refused_and_leaves_no_file(tiny, tmp_path):
     params, cfg, tok = tiny
-    with pytest.raises(ValueError, match="qtype 'Q5_K' is not supported"):
-        to_gguf(params, cfg, tok, tmp_path / "a.gguf", qtype="Q5_K")
+    with pytest.raises(ValueError, match="qtype 'Q3_K' is not supported"):
+        to_gguf(params, cfg, tok, tmp_path / "a.gguf", qtype="Q3_K")
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
         to_gguf(params, cfg, None, tmp_path / "b.gguf")
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -107,7 +107,7 @@ def test_a_pruned_lora_run_is_rebuilt_and_exported(tiny_gguf, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["export.qtypes=[Q5_K]"], "export.qtypes: 'Q5_K' is not one of"),
+    (["export.qtypes=[Q3_K]"], "export.qtypes: 'Q3_K' is not one of"),
     (["export.qtype=Q8_0"], "export.qtype"),                            # a key that does not exist
     (["export.threads=[0]"], "export.threads must be"),
     (["run_dir=/nonexistent/run"], "results.json: no such file"),

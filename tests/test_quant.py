@@ -128,12 +128,14 @@ def test_llama_cpp_tensor_types(tmp_path):
              "layers/wq": "blk.0.attn_q.weight", "layers/w_down": "blk.0.ffn_down.weight",
              "layers/wv": "blk.0.attn_v.weight"}
     vocab = len(tiny_bpe_vocab()[0])
-    for tie in (True, False):
-        src = tmp_path / f"f32_{tie}.gguf"
-        write_tiny_gguf(tiny_hf_model(vocab=vocab, hidden=64, inter=128, tie=tie), src)
-        cfg = CFG.replace(tie_embeddings=tie, vocab_size=vocab)
-        for fmt in ("q8_0", "q4_0", "q4_1"):
-            dst = tmp_path / f"{fmt}_{tie}.gguf"
+    # hidden 256: rows of whole K-quant super-blocks, so llama.cpp gives Q4_x heads Q6_K
+    for tie, hidden in ((True, 64), (False, 64), (True, 256), (False, 256)):
+        src = tmp_path / f"f32_{tie}_{hidden}.gguf"
+        write_tiny_gguf(tiny_hf_model(vocab=vocab, hidden=hidden, inter=128, tie=tie), src)
+        cfg = CFG.replace(tie_embeddings=tie, vocab_size=vocab, hidden_size=hidden,
+                          head_dim=hidden // CFG.num_heads)
+        for fmt in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1"):
+            dst = tmp_path / f"{fmt}_{tie}_{hidden}.gguf"
             p = llama_cpp.llama_model_quantize_default_params()
             p.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{fmt.upper()}")
             assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
@@ -144,6 +146,8 @@ def test_llama_cpp_tensor_types(tmp_path):
                 if tensor in theirs:
                     assert ours.get(key, "f32") == theirs[tensor], (tie, fmt, key)
             assert theirs["blk.0.attn_norm.weight"] == "f32"
+            head = theirs.get("output.weight", theirs["token_embd.weight"])
+            assert head == ("q6_k" if hidden == 256 and fmt != "q8_0" else "q8_0"), (tie, fmt)
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
@@ -197,8 +201,8 @@ def test_default_policy_and_bad_input():
     assert "embed" not in resolve(QuantSpec("int4_g32"), CFG)
     with pytest.raises(ValueError, match="unknown quant format 'q3_x'"):
         fake_quant(np.zeros((32, 4), np.float32), "q3_x")
-    with pytest.raises(ValueError, match="unknown quant format 'q5_0'"):
-        resolve(QuantSpec("q5_0"), CFG)
+    with pytest.raises(ValueError, match="unknown quant format 'q3_k'"):
+        resolve(QuantSpec("q3_k"), CFG)
     with pytest.raises(ValueError, match="contracted dimension 48 is not a multiple"):
         fake_quant(np.zeros((48, 4), np.float32), "q8_0")
     odd = CFG.replace(hidden_size=48, head_dim=12)

@@ -93,8 +93,8 @@ def test_everything_that_lists_formats_reads_the_registry():
     assert QTYPES == ("F32", "F16") + upper
     assert supported_types() == ("F32", "F16", "BF16") + upper
     from alpaca_jax.config import ModelConfig
-    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=1,
-                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
+    cfg = ModelConfig(vocab_size=96, hidden_size=256, intermediate_size=512, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=64)
     for name in EXPORTABLE:
         assert resolve(QuantSpec(name), cfg)["layers/wq"] == name
 

@@ -4,14 +4,14 @@ Measured with llama.cpp's own `llama_model_quantize` (llama-cpp-python 0.3.36) o
 (`tests/test_quant.py::test_llama_cpp_tensor_types` re-checks it), and `convert_hf_to_gguf.py`
 for Q8_0:
 - norms (1-D) stay F32;
-- every block linear weight gets the file type (Q8_0, Q4_0, Q4_1);
+- every block linear weight gets the file type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; one K-quant
+  type for all of them: the K-quant mixes Q4_K_M etc. are not modelled here yet);
 - the token embedding and the output head: what the format object says
   (`Format.default_embed` / `default_head`, `quant/formats/base.py`). For the GGML types:
-  Q8_0 puts both in Q8_0; Q4_0 / Q4_1 give the token embedding the file type, but the output
+  Q8_0 puts both in Q8_0; the others give the token embedding the file type, but the output
   head (or, when the embeddings are tied, the shared embedding) Q6_K when its row length is a
-  multiple of 256 and Q8_0 otherwise (SmolLM2: 576, so Q8_0). Q6_K is not implemented yet: for
-  such models the head falls back to Q8_0 (`llama-quantize --output-tensor-type q8_0` produces
-  the same file). Generic formats quantize the block linears only.
+  multiple of 256 and Q8_0 otherwise (SmolLM2: 576, so Q8_0). Generic formats quantize the
+  block linears only.
 """
 from __future__ import annotations
 

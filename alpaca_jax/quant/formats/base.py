@@ -108,8 +108,7 @@ class GGMLFormat(Format):
     The tensor policy is llama.cpp's `llama_tensor_get_type` for a whole-file type (measured,
     `tests/test_quant.py::test_llama_cpp_tensor_types`): the embedding gets the file type, the
     head (or a tied embedding) Q6_K when its row length is a multiple of 256 and the file type
-    is not Q8_0, Q8_0 otherwise. Until a `q6_k` format is registered, that head is Q8_0
-    (`llama-quantize --output-tensor-type q8_0` makes the same file)."""
+    is not Q8_0, Q8_0 otherwise."""
     ggml_type: gguf.GGMLQuantizationType
     type_size: int
     file_type: gguf.LlamaFileType

@@ -63,3 +63,17 @@ def blocks_of_rows(raw: np.ndarray, type_size: int) -> np.ndarray:
     if raw.shape[-1] % type_size:
         raise ValueError(f"a row of {raw.shape[-1]} bytes is not whole blocks of {type_size}")
     return raw.reshape(*raw.shape[:-1], raw.shape[-1] // type_size, type_size)
+
+
+def pack_fifth_bits(codes: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1's `qh`: bit 4 of code j as bit j of a little-endian uint32. `[..., 32]` ->
+    `[..., 4]` uint8."""
+    bits = ((codes.astype(np.uint32) >> 4) & 1) << np.arange(codes.shape[-1], dtype=np.uint32)
+    qh = np.bitwise_or.reduce(bits, axis=-1).astype("<u4")
+    return np.ascontiguousarray(qh)[..., None].view(np.uint8)
+
+
+def unpack_fifth_bits(qh: np.ndarray, n: int = 32) -> np.ndarray:
+    """Inverse of `pack_fifth_bits`: `[..., 4]` uint8 -> `[..., n]` uint8 holding 0 or 16."""
+    word = np.ascontiguousarray(qh, np.uint8).view("<u4")          # [..., 1]
+    return (((word >> np.arange(n, dtype=np.uint32)) & 1) << 4).astype(np.uint8)

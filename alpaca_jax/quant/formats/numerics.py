@@ -26,7 +26,7 @@ def div_const(a, c):
     return a / c
 
 
-def trunc_add(p, offset: float):
+def trunc_add(p, offset: float, scale_bits: int = 26):
     """`trunc(fl(p + offset))` for float32 `p` with `p + offset >= 0`, as ggml's C and numpy
     compute it: the product `p` rounded to float32 first, then the sum rounded to float32.
 
@@ -35,10 +35,12 @@ def trunc_add(p, offset: float):
     `tests/test_smollm2.py` checks them), and optimization barriers are stripped before codegen. So
     the sum is done in integers: `p * 2^26` is an exact integer whenever |p| >= 1/8 (a float32
     has 24 significant bits and |p| < 32), and float32 rounding of the sum (to nearest, ties to
-    even) is applied to that integer. For |p| < 1/8 the result is `floor(offset)` outright."""
-    small = jnp.abs(p) < 0.125
-    P = (jnp.where(small, jnp.float32(0), p) * jnp.float32(2.0 ** 26)).astype(jnp.int32)
-    S = P + jnp.int32(int(offset * 2 ** 26))
+    even) is applied to that integer. For |p| < 1/8 the result is `floor(offset)` outright.
+    `scale_bits=25` takes sums up to 64 (Q5_0's `p + 16.5` reaches 32.5), exact for |p| >= 1/4;
+    below that, `floor(offset)` again (the sum is within 1/4 of an offset ending in .5)."""
+    small = jnp.abs(p) < 2.0 ** (23 - scale_bits)
+    P = (jnp.where(small, jnp.float32(0), p) * jnp.float32(2.0 ** scale_bits)).astype(jnp.int32)
+    S = P + jnp.int32(int(offset * 2 ** scale_bits))
     bits = 32 - jax.lax.clz(S)
     shift = jnp.maximum(bits - 24, 0)           # float32 keeps 24 significant bits of S
     u = jnp.left_shift(jnp.int32(1), shift)
@@ -48,7 +50,7 @@ def trunc_add(p, offset: float):
     odd = jnp.bitwise_and(jnp.right_shift(base, shift), 1) == 1
     up = (shift > 0) & ((r > half) | ((r == half) & odd))
     rounded = base + jnp.where(up, u, 0)
-    code = jnp.right_shift(rounded, 26).astype(jnp.float32)
+    code = jnp.right_shift(rounded, scale_bits).astype(jnp.float32)
     return jnp.where(small, jnp.float32(np.floor(offset)), code)
 
 

@@ -1,0 +1,87 @@
+"""Q5_0, Q5_1 and the K-quants (Q6_K, Q4_K, Q5_K) byte for byte against ggml's own quantizer
+(`ggml_quantize_chunk` in llama-cpp-python's libggml-base: what llama-quantize runs per tensor),
+and their fake quantization against the `gguf` package's dequantization of those bytes."""
+from __future__ import annotations
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ggml_reference import ggml_quantize
+
+from alpaca_jax.quant import fake_quant, quantize
+from alpaca_jax.quant.formats import get_format, to_ggml_bytes
+
+FORMATS = ["q5_0", "q5_1", "q6_k", "q4_k", "q5_k"]
+
+
+def _cases():
+    """`[in, out]` kernels (blocks along `in`, 512 = two super-blocks per column)."""
+    rng = np.random.default_rng(0)
+    mixed = rng.normal(0, 0.02, (512, 48)).astype(np.float32)
+    mixed[:256, :6] = 0.0                  # all-zero super-blocks
+    mixed[256:, 6:12] = 0.0
+    mixed[:32, 12:18] = 0.0                # one zero sub-block among normal ones
+    mixed[:, 18:24] *= 1e-20               # tiny: scales underflow fp16
+    mixed[:, 24:30] = np.abs(mixed[:, 24:30])   # one-signed: the K-quant min is 0
+    mixed[:, 30:36] = -np.abs(mixed[:, 30:36])
+    mixed[:, 36:42] *= 1e4                 # large
+    steps = np.tile(np.linspace(-1, 1, 64, dtype=np.float32), 8)[:, None] * np.ones((1, 8),
+                                                                                    np.float32)
+    return {"normal": rng.normal(0, 0.02, (512, 64)).astype(np.float32),
+            "heavy_tailed": (rng.standard_t(2, (512, 64)) * 0.05).astype(np.float32),
+            "zero_tiny_signed_large": mixed,
+            "constant": np.full((512, 8), 0.37, np.float32),
+            "negative_constant": np.full((512, 8), -0.37, np.float32),
+            "evenly_spaced": steps}
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_bytes_and_fake_quant_are_ggml_s(name, case):
+    fmt = get_format(name)
+    w = CASES[case]
+    ref = ggml_quantize(w.T, fmt.ggml_type)                      # ggml rows: output channels
+    ours = to_ggml_bytes(jax.jit(lambda w: quantize(w, name, axis=0))(w))
+    assert ours.shape == ref.shape
+    bad = np.nonzero(np.any(ours != ref, axis=1))[0]
+    assert bad.size == 0, f"{bad.size} of {ref.shape[0]} rows differ, first {bad[:5]}"
+    with np.errstate(all="ignore"):
+        want = gguf.quants.dequantize(ref, fmt.ggml_type).T
+    got = np.asarray(jax.jit(lambda w: fake_quant(w, name))(w))
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("name", ["q6_k", "q4_k", "q5_k"])
+def test_many_heavy_tailed_super_blocks(name):
+    """4,096 super-blocks of a heavy-tailed matrix: the scale searches compare float32 sums,
+    so one sum rounded differently from ggml's would flip a sub-block somewhere."""
+    w = (np.random.default_rng(3).standard_t(3, (1024, 1024)) * 0.03).astype(np.float32)
+    fmt = get_format(name)
+    ref = ggml_quantize(w.T, fmt.ggml_type)
+    ours = to_ggml_bytes(quantize(w, name, axis=0))
+    assert int(np.any(ours != ref, axis=1).sum()) == 0
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_straight_through_gradient_and_vmap(name):
+    """QAT trains through each format: the gradient of sum(fake_quant(w) * c) is c where the
+    value is in range (everywhere for the K-quants), and a vmapped call is the stacked one."""
+    w = (np.random.default_rng(4).standard_t(3, (3, 256, 16)) * 0.05).astype(np.float32)
+    c = np.random.default_rng(5).normal(size=w.shape).astype(np.float32)
+    g = jax.grad(lambda w: jnp.sum(jax.vmap(lambda x: fake_quant(x, name))(w) * c))(w)
+    kept = np.asarray(g) == c
+    assert kept.mean() > 0.97 and np.all((np.asarray(g) == 0) | kept)
+    stacked = np.stack([np.asarray(fake_quant(w[i], name)) for i in range(3)])
+    vmapped = np.asarray(jax.jit(jax.vmap(lambda x: fake_quant(x, name)))(w))
+    assert np.array_equal(stacked, vmapped)
+
+
+def test_k_quant_activation_emulation_is_refused_by_name():
+    from alpaca_jax.quant import fake_quant_activations
+    with pytest.raises(NotImplementedError, match="q4_k.*Q8_K"):
+        fake_quant_activations(jnp.ones((2, 256)), "q4_k")
