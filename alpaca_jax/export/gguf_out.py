@@ -27,11 +27,12 @@ from alpaca_jax.io.gguf_in import _LAYER_NAMES, permute_rope
 from alpaca_jax.io.layout import layer_slice
 from alpaca_jax.model.params import (LAYER_KERNELS, LAYER_NORMS, LAYER_WEIGHTS, LAYERS,
                                      WeightName)
-from alpaca_jax.quant.formats import exportable_formats, get_format
+from alpaca_jax.quant.file_types import exportable_names, is_file_type
+from alpaca_jax.quant.formats import get_format
 
 FLOAT_QTYPES = ("F32", "F16")
 # every registered GGML format is a file type (`quant/formats/`)
-QTYPES = FLOAT_QTYPES + tuple(f.upper() for f in exportable_formats())
+QTYPES = FLOAT_QTYPES + tuple(f.upper() for f in exportable_names())   # formats, file types
 
 
 def _check_destination(path: Path) -> None:
@@ -57,7 +58,9 @@ def _tensor_plan(cfg: ModelConfig, qtype: str) -> dict:
         formats = resolve(QuantSpec(qtype.lower()), cfg)
     except ValueError as e:
         raise ValueError(f"qtype {qtype} cannot be applied to this model: {e}") from e
-    return {k: formats.get(k, "f16").upper() for k in keys}
+    def upper(f):
+        return f.upper() if isinstance(f, str) else tuple(x.upper() for x in f)
+    return {k: upper(formats.get(k, "f16")) for k in keys}
 
 
 def to_gguf(params: dict, cfg: ModelConfig, tokenizer, path, qtype: str = "Q8_0", *,
@@ -120,7 +123,12 @@ def _write_metadata(w, cfg: ModelConfig, name: str, qtype: str, tok_kv: list) ->
         w.add_rope_scaling_factor(rs.factor)
     w.add_vocab_size(cfg.vocab_size)
     floats = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16}
-    w.add_file_type(floats[qtype] if qtype in floats else get_format(qtype).file_type)
+    if qtype in floats:
+        w.add_file_type(floats[qtype])
+    elif is_file_type(qtype):
+        w.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype}"])
+    else:
+        w.add_file_type(get_format(qtype).file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for method, value in tok_kv:
         getattr(w, method)(value)
@@ -228,11 +236,11 @@ def _tensor_entries(params, cfg: ModelConfig, plan: dict) -> list[_Entry]:
         return _Entry(name, tuple(shape), np.dtype(np.float32), None,
                       lambda: np.ascontiguousarray(make(), np.float32))
 
-    def weight(gguf_name, key, get_in_out, shape_out_in, n_rope_heads=None):
+    def weight(gguf_name, key, get_in_out, shape_out_in, n_rope_heads=None, layer=None):
         """A float (F32/F16) or ggml-quantized tensor from the weight `get_in_out()` (a jax or
         numpy array `[in, out]`; the embedding `[V, D]`, blocks along D); q/k rows permuted for
         llama.cpp's RoPE (a row permutation commutes with row-wise quantization)."""
-        t = plan[key]
+        t = plan[key] if layer is None or isinstance(plan[key], str) else plan[key][layer]
         out, inp = shape_out_in
         out_axis = 0 if key == "embed" else 1
         if t not in FLOAT_QTYPES:
@@ -270,7 +278,7 @@ def _tensor_entries(params, cfg: ModelConfig, plan: dict) -> list[_Entry]:
             inp, out = tuple(np.shape(layers[k])[1:])
             entries.append(weight(f"blk.{i}.{_LAYER_NAMES[k]}.weight", WeightName(LAYERS, k).key,
                                   lambda k=k, i=i: layer_slice(layers[k], i), (out, inp),
-                                  heads.get(k)))
+                                  heads.get(k), layer=i))
     return entries
 
 

@@ -28,7 +28,10 @@ def _qat_grid(recipe: dict, qtype: str, cfg) -> bool | None:
     quant = recipe.get("quant")
     if not quant or quant.get("method") != "qat":
         return None
-    trained = {k: v.upper() for k, v in (quant.get("tensors") or {}).items()}
+
+    def norm(v):   # a format, or one per layer (a tuple; a list once read back from JSON)
+        return v.upper() if isinstance(v, str) else tuple(x.upper() for x in v)
+    trained = {k: norm(v) for k, v in (quant.get("tensors") or {}).items()}
     plan = {k: v for k, v in _tensor_plan(cfg, qtype).items() if v not in ("F16", "F32")}
     return plan == trained
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from alpaca_jax.config import ModelConfig
 from alpaca_jax.model.adapters import adapted
 from alpaca_jax.model.attention import Mask, attention
-from alpaca_jax.model.params import LAYER_KERNELS
+from alpaca_jax.model.params import LAYER_INDEX, LAYER_KERNELS
 from alpaca_jax.model.remat import remat_block
 from alpaca_jax.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 from alpaca_jax.model.transform import Transform, check_transform, identity  # noqa: F401
@@ -144,6 +144,7 @@ def forward(params: dict, tokens_BxT: jax.Array, cfg: ModelConfig, *, positions=
         lp, keep_i, i = xs
         key = None if rng is None else jax.random.fold_in(rng, i)
         kv = None if kc is None else (kc[i], vc[i])
+        lp = {**lp, LAYER_INDEX: i}
         h_new, k_all, v_all = block(h, lp, cos, sin, kv, write_at, mask, cfg, materialize, key)
         h = jnp.where(keep_i, h_new, h)
         if kc is not None:

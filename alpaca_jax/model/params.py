@@ -17,6 +17,9 @@ import numpy as np
 from alpaca_jax.config import ModelConfig
 
 LAYERS = "layers"            # the scope of per-block leaves (stacked, layer axis first)
+# The forward adds this to each block's params slice: the block's index, for transforms whose
+# choice varies by layer (a llama.cpp K-quant mix quantizes some layers' kernels differently).
+LAYER_INDEX = "layer_index"
 LAYER_KERNELS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 LAYER_NORMS = ("attn_norm", "mlp_norm")
 TOP_WEIGHTS = ("embed", "lm_head")

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 
 from alpaca_jax.config import ModelConfig
 from alpaca_jax.model.adapters import adapted
-from alpaca_jax.model.params import WeightName
+from alpaca_jax.model.params import LAYER_INDEX, WeightName
 from alpaca_jax.model.transform import Transform, matmul
 from alpaca_jax.peft.lora import merge
 from alpaca_jax.quant.formats import Quantized, fake_quant, get_format, quantize
@@ -42,7 +43,27 @@ class FakeQuant(Transform):
     def weight(self, tree, name):
         w = self.inner.weight(tree, name)
         fmt = self._fmt(tree, name)
-        return w if fmt is None else fake_quant(w, fmt, axis=block_axis(name))
+        if fmt is None:
+            return w
+        if isinstance(fmt, str):
+            return fake_quant(w, fmt, axis=block_axis(name))
+        # one format per layer (a llama.cpp K-quant mix)
+        if w.ndim == 3:                                   # the stacked leaf: layer by layer
+            return jnp.stack([fake_quant(w[i], f, axis=block_axis(name))
+                              for i, f in enumerate(fmt)])
+        return self._by_layer(tree, name, fmt, lambda f, w: fake_quant(w, f, block_axis(name)),
+                              w)
+
+    def _by_layer(self, tree, name, fmt: tuple, fn, *args):
+        """`fn(format of this block, *args)` inside the layer scan, where the block's index is
+        a traced value (`LAYER_INDEX`): a `lax.switch` over the mix's distinct formats."""
+        if LAYER_INDEX not in tree:
+            raise ValueError(f"{name} has a format per layer ({'/'.join(dict.fromkeys(fmt))}), "
+                             "but this call gives no layer index (the forward's layer scan "
+                             "does)")
+        distinct = list(dict.fromkeys(fmt))
+        branch = jnp.asarray([distinct.index(f) for f in fmt], jnp.int32)[tree[LAYER_INDEX]]
+        return jax.lax.switch(branch, [lambda *a, f=f: fn(f, *a) for f in distinct], *args)
 
     def linear(self, x, tree, name, *, rng=None):
         fmt = self._fmt(tree, name)
@@ -55,8 +76,13 @@ class FakeQuant(Transform):
                               policy=jax.checkpoint_policies.nothing_saveable)(x, tree, name)
 
     def _quantized_linear(self, x, tree, name):
+        fmt = self._fmt(tree, name)
         if self.activations:   # the rounding llama.cpp gives inputs of this weight type
-            x = get_format(self._fmt(tree, name)).fake_quant_activations(x)
+            if isinstance(fmt, str):
+                x = get_format(fmt).fake_quant_activations(x)
+            else:
+                x = self._by_layer(tree, name, fmt,
+                                   lambda f, x: get_format(f).fake_quant_activations(x), x)
         return matmul(x, self.weight(tree, name))
 
     def tied_head(self, h, params):
@@ -74,7 +100,8 @@ def _shape_cfg(params: dict, cfg):
     lay = params["layers"]
     return SimpleNamespace(tie_embeddings="lm_head" not in params,
                            hidden_size=lay["wq"].shape[1], q_size=lay["wo"].shape[1],
-                           intermediate_size=lay["w_down"].shape[1])
+                           intermediate_size=lay["w_down"].shape[1],
+                           num_layers=lay["wq"].shape[0])
 
 
 def _quantized_leaves(params: dict, spec: QuantSpec, cfg):
@@ -90,7 +117,11 @@ def ptq(params: dict, spec: QuantSpec, cfg: ModelConfig | None = None) -> dict:
     params = merge(params)
     out = params
     for key, w, fmt in _quantized_leaves(params, spec, cfg):
-        deq = jax.jit(lambda w: fake_quant(w, fmt, axis=block_axis(key)))(w)
+        if isinstance(fmt, str):
+            deq = jax.jit(lambda w: fake_quant(w, fmt, axis=block_axis(key)))(w)
+        else:                                   # one format per layer
+            deq = jnp.stack([jax.jit(lambda w, f=f: fake_quant(w, f, axis=block_axis(key)))(w[i])
+                             for i, f in enumerate(fmt)])
         out = WeightName.parse(key).put(out, deq)
     return out
 
@@ -99,7 +130,15 @@ def quantize_params(params: dict, spec: QuantSpec,
                     cfg: ModelConfig | None = None) -> dict[str, Quantized]:
     """`{name: Quantized}` for every quantized weight (adapters merged first). Blocks run along
     the contracted axis, laid out as ggml rows: layer kernels `[L, out, n_blocks, 32]`, the
-    embedding `[V, n_blocks, 32]`, the head `[V, n_blocks, 32]`; scales `[..., n_blocks]`."""
+    embedding `[V, n_blocks, 32]`, the head `[V, n_blocks, 32]`; scales `[..., n_blocks]`.
+    A layer weight with one format per layer (a K-quant mix) gives a tuple of per-layer
+    `Quantized` instead (each `[out, n_blocks, block]`)."""
     params = merge(params)
-    return {key: jax.jit(lambda w: quantize(w, fmt, axis=block_axis(key)))(w)
-            for key, w, fmt in _quantized_leaves(params, spec, cfg)}
+    out = {}
+    for key, w, fmt in _quantized_leaves(params, spec, cfg):
+        if isinstance(fmt, str):
+            out[key] = jax.jit(lambda w: quantize(w, fmt, axis=block_axis(key)))(w)
+        else:
+            out[key] = tuple(jax.jit(lambda w, f=f: quantize(w, f, axis=block_axis(key)))(w[i])
+                             for i, f in enumerate(fmt))
+    return out

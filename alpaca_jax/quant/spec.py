@@ -35,13 +35,41 @@ class QuantSpec:
     activations: bool = False
 
 
-def resolve(spec: QuantSpec, cfg: ModelConfig) -> dict[str, str]:
+def _dims(cfg) -> dict:
+    """The contracted dimension (a GGUF row's length), by kernel."""
+    return {"wq": cfg.hidden_size, "wk": cfg.hidden_size, "wv": cfg.hidden_size,
+            "wo": cfg.q_size, "w_gate": cfg.hidden_size, "w_up": cfg.hidden_size,
+            "w_down": cfg.intermediate_size, "embed": cfg.hidden_size,
+            "lm_head": cfg.hidden_size}
+
+
+def _mix_defaults(mix: str, cfg) -> tuple[dict, str, str]:
+    """(layer weights, head default, untied-embedding default) of a llama.cpp file type: a
+    layer weight is one format, or a tuple of one per layer where the mix varies by layer."""
+    from alpaca_jax.quant.file_types import tensor_type
+    dims, L = _dims(cfg), cfg.num_layers
+    out = {}
+    for wn in LAYER_WEIGHTS:
+        per = tuple(tensor_type(mix, wn.kernel, dims[wn.kernel], i, L) for i in range(L))
+        out[wn.key] = per[0] if len(set(per)) == 1 else per
+    D = cfg.hidden_size
+    return out, tensor_type(mix, "output", D), tensor_type(mix, "token_embd", D)
+
+
+def formats_of(fmt) -> tuple[str, ...]:
+    """The distinct formats of one `resolve` value (a format, or one per layer)."""
+    return tuple(dict.fromkeys((fmt,) if isinstance(fmt, str) else fmt))
+
+
+def resolve(spec: QuantSpec, cfg: ModelConfig) -> dict:
     """`{param name: format}` for every quantized weight (`layers/<kernel>`, `embed`,
-    `lm_head`); a name absent is kept in float. Raises ValueError for an unknown format or a
+    `lm_head`); a name absent is kept in float. `spec.weights` is a format or a llama.cpp
+    K-quant file type (`q4_k_m`, `q4_k_s`, `q5_k_m`, `q5_k_s`: `quant/file_types.py`), whose
+    layer weights may get a tuple of one format per layer. A K-quant whose 256-blocks do not
+    tile a weight's rows falls back as llama.cpp's does (Q4_K -> Q5_0, Q5_K -> Q5_1,
+    Q6_K -> Q8_0). Raises ValueError for an unknown format or, for the other formats, a
     contracted dimension that is not a multiple of the block size."""
-    fmt = parse_format(spec.weights)
-    w = fmt.name
-    out = {wn.key: w for wn in LAYER_WEIGHTS}
+    from alpaca_jax.quant.file_types import fallback, has_fallback, is_file_type
 
     def pick(choice, default):
         if choice == AUTO:
@@ -50,8 +78,14 @@ def resolve(spec: QuantSpec, cfg: ModelConfig) -> dict[str, str]:
             return None
         return parse_format(choice).name
 
-    head_default = fmt.default_head(cfg.hidden_size)   # rows of the head/embedding: D long
-    embed_default = fmt.default_embed(cfg.hidden_size, cfg.tie_embeddings)
+    if is_file_type(spec.weights):
+        out, head_default, untied = _mix_defaults(str(spec.weights).lower(), cfg)
+        embed_default = head_default if cfg.tie_embeddings else untied
+    else:
+        fmt = parse_format(spec.weights)
+        out = {wn.key: fmt.name for wn in LAYER_WEIGHTS}
+        head_default = fmt.default_head(cfg.hidden_size)   # rows of the head/embedding: D
+        embed_default = fmt.default_embed(cfg.hidden_size, cfg.tie_embeddings)
     e = pick(spec.embed, embed_default)
     if e:
         out["embed"] = e
@@ -62,19 +96,26 @@ def resolve(spec: QuantSpec, cfg: ModelConfig) -> dict[str, str]:
     elif spec.head not in (AUTO, KEEP, None) and pick(spec.head, None) != e:
         raise ValueError(f"quant head={spec.head!r} differs from embed={e!r}, but this model "
                          "ties its embeddings: they are one tensor")
-    dims = {"wq": cfg.hidden_size, "wk": cfg.hidden_size, "wv": cfg.hidden_size,
-            "wo": cfg.q_size, "w_gate": cfg.hidden_size, "w_up": cfg.hidden_size,
-            "w_down": cfg.intermediate_size, "embed": cfg.hidden_size,
-            "lm_head": cfg.hidden_size}       # the contracted dimension, by kernel
-    for name, fmt in out.items():
-        f = parse_format(fmt)
-        block = f.block or 1
+    dims = _dims(cfg)
+    for name, fmt in list(out.items()):
         dim = dims[WeightName.parse(name).kernel]
-        if dim % block:
-            raise ValueError(
-                f"cannot quantize {name} to {fmt}: its contracted dimension {dim} is not a "
-                f"multiple of the block size {block} (llama.cpp's converter would fall back to "
-                "F16 for such a tensor; pick another format for it or keep it with 'none')")
+        fixed = []
+        for f in (fmt,) if isinstance(fmt, str) else fmt:
+            if has_fallback(f):
+                f = fallback(f, dim)
+            block = parse_format(f).block or 1 if f != "f16" else 1
+            if dim % block:
+                raise ValueError(
+                    f"cannot quantize {name} to {f}: its contracted dimension {dim} is not a "
+                    f"multiple of the block size {block} (llama.cpp's converter would fall "
+                    "back to F16 for such a tensor; pick another format for it or keep it "
+                    "with 'none')")
+            fixed.append(f)
+        fixed = tuple(fixed)
+        if "f16" in fixed:
+            raise ValueError(f"cannot quantize {name}: its contracted dimension {dim} fits no "
+                             f"block of {fmt} or its fallback (llama.cpp would write F16)")
+        out[name] = fixed[0] if isinstance(fmt, str) else fixed
     return out
 
 

@@ -51,12 +51,14 @@ def check_prune(p) -> None:
 
 def check_quant(q) -> None:
     from alpaca_jax.quant import parse_format
+    from alpaca_jax.quant.file_types import check_quant_name
 
     if q.method not in ("none", "ptq", "qat"):
         raise ValueError(f"quant.method={q.method!r} is not one of none, ptq, qat")
     if q.method != "none":
-        for key in ("format", "embed", "head"):
-            if key == "format" or getattr(q, key) not in ("auto", "none"):
+        check_quant_name(q.format)
+        for key in ("embed", "head"):
+            if getattr(q, key) not in ("auto", "none"):
                 parse_format(getattr(q, key))
 
 
@@ -124,11 +126,11 @@ def check_stages(job: Job) -> list[str]:
                          "after quantize; list quantize after heal, or use a qat_* preset")
     if q.method != "none" and "quantize" in pos and "export" in pos and \
             pos["quantize"] < pos["export"]:
-        from alpaca_jax.quant import exportable_formats
+        from alpaca_jax.quant.file_types import exportable_names
 
-        if q.format not in exportable_formats():
+        if q.format not in exportable_names():
             raise ValueError(f"export of a {q.format} model: GGUF holds "
-                             f"{', '.join(exportable_formats())}; quantize to one of them or "
+                             f"{', '.join(exportable_names())}; quantize to one of them or "
                              f"export before quantize")
     unused = [g for g, st, on in (("prune", "prune", job.prune.criterion != "none"),
                                    ("peft/train", "heal", True),
