@@ -39,3 +39,22 @@ def ggml_quantize(x: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray
                                        None)
     assert written == out.nbytes, (written, out.nbytes)
     return out
+
+
+def ggml_cpu_q8_k(x: np.ndarray) -> np.ndarray:
+    """The values llama.cpp's CPU backend rounds K-quant matmul inputs to: `quantize_row_q8_K`
+    of `libggml-cpu` (its SIMD build, what the runtime calls) on float32 rows `[rows, n]`,
+    dequantized (`d * q`, float32 `d`)."""
+    import llama_cpp
+    libdir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    ctypes.CDLL(sorted(glob.glob(os.path.join(libdir, "libggml-base.so*")))[0],
+                mode=ctypes.RTLD_GLOBAL)
+    cpu = ctypes.CDLL(sorted(glob.glob(os.path.join(libdir, "libggml-cpu.so*")))[0])
+    cpu.quantize_row_q8_K.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    x = np.ascontiguousarray(x, np.float32)
+    rows, n = x.shape
+    block = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
+    out = np.zeros((rows, n // 256), block)
+    for r in range(rows):
+        cpu.quantize_row_q8_K(x[r].ctypes.data, out[r].ctypes.data, n)
+    return (out["d"][..., None] * out["qs"].astype(np.float32)).reshape(rows, n)

@@ -1,5 +1,6 @@
 """The exported SmolLM2 in llama.cpp: every quantized matmul reproduces llama.cpp's own output
-when given llama.cpp's own input, and the whole model stays within a KL bound of the JAX
+when given llama.cpp's own input (Q8_0, Q4_0, and the Q4_K_M mix: Q5_0 where the rows are
+576 long, Q4_K/Q6_K ffn_down with Q8_K activations, a Q8_0 head), and the whole model stays within a KL bound of the JAX
 fake-quant model.
 
 Why not end-to-end equality on the real model: llama.cpp computes the float ops between matmuls
@@ -19,6 +20,7 @@ from alpaca_jax.data.corpora import load_documents
 from alpaca_jax.export import to_gguf
 from alpaca_jax.export.runtime import kl_stats, llama_logits
 from alpaca_jax.io.gguf_in import permute_rope
+from alpaca_jax.model.params import LAYER_INDEX
 from alpaca_jax.quant import FakeQuant, QuantSpec
 from llama_cpp_probe import capture
 
@@ -51,7 +53,7 @@ def _matmuls(cfg):
     return out + [("result_norm", "result_output", "head", None)]
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K_M"])
 def test_every_quantized_matmul_reproduces_llama_cpp_on_its_input(smollm2, qtype, tmp_path):
     params, cfg, tok = smollm2
     path = to_gguf(params, cfg, tok, tmp_path / "m.gguf", qtype)
@@ -67,7 +69,8 @@ def test_every_quantized_matmul_reproduces_llama_cpp_on_its_input(smollm2, qtype
         if kernel == "head":
             ours = np.asarray(fq.tied_head(x[None], params)[0])
         else:
-            lp = jax.tree.map(lambda a, i=int(dst.rsplit("-", 1)[1]): a[i], params["layers"])
+            i = int(dst.rsplit("-", 1)[1])
+            lp = {**jax.tree.map(lambda a: a[i], params["layers"]), LAYER_INDEX: i}
             ours = np.asarray(fq.linear(x, lp, kernel))
         if heads is not None:                    # llama.cpp's q/k rows are RoPE-permuted
             ours = permute_rope(ours.T, heads).T

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ggml_reference import ggml_quantize
+from ggml_reference import ggml_cpu_q8_k, ggml_quantize
 
 from alpaca_jax.quant import fake_quant, quantize
 from alpaca_jax.quant.formats import get_format, to_ggml_bytes
@@ -81,7 +81,15 @@ def test_straight_through_gradient_and_vmap(name):
     assert np.array_equal(stacked, vmapped)
 
 
-def test_k_quant_activation_emulation_is_refused_by_name():
+def test_q8_k_activations_are_ggml_s_q8_k_rows():
+    """The activation rounding of K-quant matmuls is ggml's Q8_K: our dequantized values equal
+    those of the `quantize_row_q8_K` llama.cpp's CPU backend runs (its x86 SIMD build)."""
     from alpaca_jax.quant import fake_quant_activations
-    with pytest.raises(NotImplementedError, match="q4_k.*Q8_K"):
-        fake_quant_activations(jnp.ones((2, 256)), "q4_k")
+    rng = np.random.default_rng(6)
+    x = (rng.standard_t(3, (6, 512)) * 0.7).astype(np.float32)
+    x[1, :256] = 0.0                                   # an all-zero block
+    x[2, :] = np.round(x[2, :] * 4) / 4                # values on halfway points of the grid
+    ref = ggml_cpu_q8_k(x)
+    for name in ("q4_k", "q5_k", "q6_k"):
+        got = np.asarray(jax.jit(lambda x: fake_quant_activations(x, name))(x))
+        assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), name

@@ -37,3 +37,28 @@ def ste(f):
         return f(x)
     g.defvjp(lambda x: (f(x), None), lambda _, ct: (ct,))
     return g
+
+
+QK_K = 256  # Q8_K activation blocks (the K-quants' vec_dot_type)
+
+
+def q8k_activations(x):
+    """llama.cpp's rounding of the activations entering a K-quant (Q4_K/Q5_K/Q6_K) matmul:
+    Q8_K, blocks of 256 along the contracted axis (`quantize_row_q8_K_ref`): `iscale = -127 /
+    max` (max = the signed value of largest magnitude, the first on ties), codes
+    `min(127, nearest_int(iscale * x))` (round half to even), value `q * (1 / iscale)` with a
+    float32 scale (not fp16, unlike Q8_0). Straight-through gradient."""
+    def qdq(x):
+        xb = to_blocks(x.astype(jnp.float32), -1, QK_K)
+        imax = jnp.argmax(jnp.abs(xb), axis=-1)[..., None]
+        mx = jnp.take_along_axis(xb, imax, axis=-1)
+        zero = mx == 0
+        iscale = jnp.float32(-127) / jnp.where(zero, jnp.float32(1), mx)
+        # XLA folds 1 / (-127 / mx) into mx / -127 (1 ulp off ggml's two roundings) unless the
+        # quotient is hidden behind a barrier
+        iscale = jax.lax.optimization_barrier(iscale)
+        # ggml keeps codes as ints (no -0): a zero code times a negative d is -0
+        q = jnp.minimum(jnp.round(iscale * xb), 127).astype(jnp.int32).astype(jnp.float32)
+        deq = jnp.where(zero, jnp.float32(0), q * (jnp.float32(1) / iscale))
+        return from_blocks(deq, -1, x.ndim).astype(x.dtype)
+    return ste(qdq)(x)

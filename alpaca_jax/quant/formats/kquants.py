@@ -44,9 +44,9 @@ class _KQuant(GGMLFormat):
         return self._quantized(*out)
 
     def fake_quant_activations(self, x):
-        raise NotImplementedError(
-            f"llama.cpp rounds the activations of {self.name} matmuls to Q8_K (blocks of 256); "
-            "that emulation is not implemented yet: run without quant activations for K-quants")
+        """Q8_K: llama.cpp's `vec_dot_type` for the K-quants."""
+        from alpaca_jax.quant.formats.activations import q8k_activations
+        return q8k_activations(x)
 
 
 @register_format
