@@ -48,3 +48,61 @@ def accuracy_vs_speed(rows, path, label_keys=("criterion", "heal", "quant"), thr
     return _scatter(rows, f"_gen_tok_s_{threads}t", "zeroshot_avg", label_keys,
                     f"llama.cpp generation tokens/s ({threads} thread{'s' * (threads > 1)})",
                     "zero-shot accuracy (avg, %)", "Accuracy vs speed", path, y_scale=100)
+
+
+def pareto_front(points):
+    """The points no other point beats on both axes (smaller x and smaller y are better),
+    sorted by x."""
+    front, best = [], float("inf")
+    for x, y, *rest in sorted(points, key=lambda p: (p[0], p[1])):
+        if y < best:
+            front.append((x, y, *rest))
+            best = y
+    return front
+
+
+def edge_pareto(results: dict, path, threads=(1, 2)) -> Path | None:
+    """File size against wiki perplexity of each exported GGUF (one panel per model), the
+    Pareto front drawn, each point labelled with its llama.cpp generation tokens/s at
+    `threads`. `results`: {model name: the export run's results (`exports` with `parity` and
+    `bench`)}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.0 * len(results), 4.6), dpi=120,
+                             squeeze=False)
+    drawn = False
+    for ax, (model, res) in zip(axes[0], results.items()):
+        pts = []
+        for q, e in res.get("exports", {}).items():
+            p = e.get("parity") or {}
+            if "ppl_llama_cpp" not in p:
+                continue
+            speed = {b["threads"]: b["gen_tok_s"] for b in e.get("bench") or []}
+            label = q + "".join(f"\n{speed[t]:.0f} tok/s @{t}t" for t in threads if t in speed)
+            pts.append((e["file_bytes"] / 2**20, p["ppl_llama_cpp"], label))
+        if not pts:
+            continue
+        drawn = True
+        for x, y, label in pts:
+            ax.scatter([x], [y], s=30)
+            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        front = pareto_front(pts)
+        ax.plot([p[0] for p in front], [p[1] for p in front], "--", lw=1, alpha=0.6,
+                label="Pareto front (size, perplexity)")
+        ax.set_xlabel("file size (MiB)")
+        ax.set_ylabel("wiki perplexity (llama.cpp)")
+        ax.set_title(model, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if not drawn:
+        plt.close(fig)
+        return None
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

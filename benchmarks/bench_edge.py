@@ -33,6 +33,12 @@ def main():
     ap.add_argument("--pruned-run", default=None, help="a prune run dir (its healed model)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None, help="keep the GGUFs and results.json here")
+    ap.add_argument("--qtypes", default="F16,Q8_0,Q4_0",
+                    help="files to write and time: F16, any GGML format, Q4_K_M and the other "
+                         "llama.cpp K-quant file types")
+    ap.add_argument("--parity-tokens", type=int, default=256,
+                    help="wiki tokens for the KL and perplexity of each file")
+    ap.add_argument("--plot", default=None, help="write the size / perplexity / speed plot here")
     args = ap.parse_args()
 
     from alpaca_jax.export.report import table
@@ -53,7 +59,8 @@ def main():
     out_root = Path(args.out or tempfile.mkdtemp(prefix="bench_edge_"))
     results = {}
     for name, job in jobs.items():
-        job.export = ExportCfg(repeats=args.repeats)
+        job.export = ExportCfg(repeats=args.repeats, qtypes=args.qtypes.split(","),
+                               parity_tokens=args.parity_tokens)
         d = out_root / name.split()[0].replace("%", "pct")
         d.mkdir(parents=True, exist_ok=True)
         print(f"\n## {name}", flush=True)
@@ -66,6 +73,10 @@ def main():
               f"{mt['bench/copy_gb_s_2t']:.1f} "
               f"GB/s (2 threads)\n")
         print(table(res))
+    if args.plot:
+        from analysis.plots import edge_pareto
+        edge_pareto(results, args.plot)
+        print(f"plot: {args.plot}")
     print(f"\nfiles and results.json under {out_root}")
 
 

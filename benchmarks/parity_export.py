@@ -1,11 +1,12 @@
 """GGUF export of a real model against llama.cpp: prints figures, asserts nothing.
 
     python benchmarks/parity_export.py [--model smollm2-135m-instruct] [--tokens 512]
+        [--qtypes Q8_0,Q4_0,Q6_K,Q5_K_M,Q4_K_M]
 
 1. F32 export run by llama.cpp (F32 KV cache) vs the JAX forward: max |logit diff|.
-2. Our Q8_0/Q4_0 files vs llama.cpp's own quantization (`llama_model_quantize`) of our F32
-   export: how many tensors differ in type or bytes.
-3. KL(llama.cpp || JAX) per position over wiki tokens for the Q8_0/Q4_0 files, against the JAX
+2. Our files (formats and K-quant file types) vs llama.cpp's own quantization
+   (`llama_model_quantize`) of our F32 export: how many tensors differ in type or bytes.
+3. KL(llama.cpp || JAX) per position over wiki tokens for each file, against the JAX
    fake-quant model with llama.cpp's activation rounding emulated, weights only, and float.
 4. The rounding-chaos floor: the emulation against itself with every quantized matmul's input
    moved up by one ulp. Rounding activations to 8 bits is discontinuous, so ulp-level differences
@@ -27,6 +28,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--qtypes", default="Q8_0,Q4_0,Q6_K,Q5_K_M,Q4_K_M",
+                    help="formats and llama.cpp file types to compare")
     args = ap.parse_args()
 
     import gguf
@@ -73,7 +76,7 @@ def main():
         ref, fl = run_llama(f32), jax_logits()
         print(f"F32: max |logit diff| {np.abs(ref - fl).max():.3g} on a logit scale of "
               f"{np.abs(fl).max():.1f}")
-        for qtype in ("Q8_0", "Q4_0"):
+        for qtype in args.qtypes.split(","):
             ours = to_gguf(params, cfg, tok, d / f"{qtype}.gguf", qtype)
             theirs = d / f"{qtype}-llama.gguf"
             qp = llama_cpp.llama_model_quantize_default_params()

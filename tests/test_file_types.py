@@ -27,8 +27,9 @@ def model(request, tmp_path_factory):
     d = tmp_path_factory.mktemp("ft")
     vocab = len(tiny_bpe_vocab()[0])
     if request.param == "rows256_untied":
-        hf = tiny_hf_model(seed=7, vocab=vocab, hidden=256, heads=4, kv_heads=2, inter=512,
-                           layers=16, tie=False)
+        # 9 layers: use_more_bits picks 0, 3, 6, 7, 8; Q4_K_S's first n/8 ffn_down is layer 0
+        hf = tiny_hf_model(seed=7, vocab=vocab, hidden=256, heads=4, kv_heads=2, inter=256,
+                           layers=9, tie=False)
     else:
         hf = tiny_hf_model(seed=8, vocab=vocab, hidden=96, heads=4, kv_heads=2, inter=256,
                            layers=9, tie=True)

@@ -81,6 +81,9 @@ def export_files(params, cfg, tok, qtypes, out_dir: Path, e, recipe: dict, name:
              for p in e.prompts]
     eos = tuple(cfg.eos_token_ids)
     exports = {}
+    float_logits = None   # the unquantized JAX model: what each file's rounding costs
+    if parity_ids:
+        float_logits = np.asarray(forward(params, np.array([parity_ids]), cfg)[0][0])
     for qtype in qtypes:
         path = to_gguf(params, cfg, tok, out_dir / f"model-{qtype.lower()}.gguf", qtype,
                        name=name)
@@ -94,7 +97,8 @@ def export_files(params, cfg, tok, qtypes, out_dir: Path, e, recipe: dict, name:
             entry["parity"] = {**kl_stats(theirs, ours), "tokens": len(parity_ids),
                                "reference": "float" if ref is None else "fake-quant, activations",
                                "ppl_llama_cpp": perplexity_of_logits(theirs, parity_ids),
-                               "ppl_jax": perplexity_of_logits(ours, parity_ids)}
+                               "ppl_jax": perplexity_of_logits(ours, parity_ids),
+                               "kl_float": kl_stats(theirs, float_logits)["kl_mean"]}
         if chats:
             jax_out = generate_ids(params, cfg, chats, e.max_new_tokens, eos_ids=eos, **kw)
             answers = []
@@ -145,6 +149,8 @@ def _summary(entry: dict) -> str:
         p = entry["parity"]
         s += (f"; vs JAX ({p['reference']}): mean KL {p['kl_mean']:.2e}, argmax "
               f"{p['argmax_agreement']:.3f}, ppl {p['ppl_llama_cpp']:.3f} vs {p['ppl_jax']:.3f}")
+        if "kl_float" in p:
+            s += f"; KL to the float model {p['kl_float']:.2e}"
     if "greedy" in entry:
         s += (f"; greedy answers identical {sum(a['identical'] for a in entry['greedy'])}/"
               f"{len(entry['greedy'])}")
@@ -155,15 +161,19 @@ def table(results: dict) -> str:
     """The export's figures as a Markdown table (one row per qtype and thread count)."""
     m = results["metrics"]
     rows = ["| file | MiB | threads | prompt tok/s | gen tok/s | bound tok/s | of bound | "
-            "peak RSS MiB | mean KL vs JAX | greedy same |", "|" + "---|" * 10]
+            "peak RSS MiB | wiki ppl | KL vs float | mean KL vs JAX | greedy same |",
+            "|" + "---|" * 12]
     for q, e in results["exports"].items():
-        kl = f"{e['parity']['kl_mean']:.2e}" if "parity" in e else "-"
+        p = e.get("parity", {})
+        kl = f"{p['kl_mean']:.2e}" if p else "-"
+        kl = (f"{p['ppl_llama_cpp']:.2f} | {p['kl_float']:.2e} | " if "kl_float" in p
+              else "- | - | ") + kl
         g = (f"{sum(a['identical'] for a in e['greedy'])}/{len(e['greedy'])}"
              if "greedy" in e else "-")
         for b in e.get("bench") or [None]:
             if b is None:
                 rows.append(f"| {q} | {e['file_bytes'] / 2**20:.1f} | - | - | - | - | - | - | "
-                            f"{kl} | {g} |")
+                            f"{kl} | {g} |")   # kl holds the three parity columns
                 continue
             rows.append(f"| {q} | {e['file_bytes'] / 2**20:.1f} | {b['threads']} | "
                         f"{b['prompt_tok_s']:.0f} | {b['gen_tok_s']:.1f} | "

@@ -289,6 +289,9 @@ def _export(st: State, tag: str) -> None:
         if "parity" in x:
             st.metrics[f"export/{q}/kl_mean"] = x["parity"]["kl_mean"]
             st.metrics[f"export/{q}/argmax_agreement"] = x["parity"]["argmax_agreement"]
+            st.metrics[f"export/{q}/ppl_wiki"] = x["parity"]["ppl_llama_cpp"]
+            if "kl_float" in x["parity"]:     # absent in exports stored before it existed
+                st.metrics[f"export/{q}/kl_float"] = x["parity"]["kl_float"]
         if "greedy" in x:
             st.metrics[f"export/{q}/greedy_identical"] = sum(a["identical"] for a in x["greedy"])
 

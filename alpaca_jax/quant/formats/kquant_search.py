@@ -11,8 +11,8 @@ reductions (`numerics.py`), so a JAX port would drift. The formats call this on 
 (`jax.pure_callback`); `tests/test_kquants.py` checks it byte for byte against
 `ggml_quantize_chunk` in the `libggml-base` llama-cpp-python ships.
 
-Every loop over the elements of a sub-block runs in ggml's order, vectorised across
-sub-blocks. Shapes: super-blocks `[N, 256]` float32.
+Every sum over the elements of a sub-block is accumulated in ggml's order (`seq_sum`),
+vectorised across sub-blocks. Shapes: super-blocks `[N, 256]` float32.
 """
 from __future__ import annotations
 
@@ -29,6 +29,13 @@ def nearest_int(f: np.ndarray) -> np.ndarray:
     v = (np.asarray(f, F32) + F32(12582912.0)).astype(F32)
     i = v.view(np.int32)
     return (i & 0x007FFFFF) - 0x00400000
+
+
+def seq_sum(terms: np.ndarray) -> np.ndarray:
+    """Row sums of `[M, n]` float32 terms added left to right, each partial sum rounded to
+    float32, as a C loop `s += t[i]` from s = 0 does: `np.add.accumulate` is that loop
+    (`np.sum` adds pairwise, a different rounding)."""
+    return np.add.accumulate(np.ascontiguousarray(terms, F32), axis=1, dtype=F32)[:, -1]
 
 
 def _f16(x):
@@ -49,16 +56,12 @@ def make_qx_quants(x: np.ndarray, nmax: int):
     zero = amax < GROUP_MAX_EPS
     mx = np.where(zero, F32(1), mx).astype(F32)
     w = (x * x).astype(F32)
+    wx = (w * x).astype(F32)
 
     def sums(iscale):
         ls = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
         lf = ls.astype(F32)
-        sumlx = np.zeros(M, F32)
-        suml2 = np.zeros(M, F32)
-        for i in range(n):
-            sumlx = (sumlx + (w[:, i] * x[:, i]) * lf[:, i]).astype(F32)
-            suml2 = (suml2 + (w[:, i] * lf[:, i]) * lf[:, i]).astype(F32)
-        return ls, sumlx, suml2
+        return ls, seq_sum(wx * lf), seq_sum((w * lf) * lf)
 
     with np.errstate(divide="ignore", invalid="ignore"):
         L, sumlx, suml2 = sums((F32(-nmax) / mx).astype(F32))
@@ -139,15 +142,10 @@ def make_qkx2_quants(x, weights, nmax: int, rmin: float, rdelta: float, nstep: i
     """`make_qkx2_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep,
     use_mad=false)` over rows `[M, n]`: (scale `[M]`, the_min `[M]` (>= 0), L `[M, n]`)."""
     M, n = x.shape
-    mn = x[:, 0].copy()
-    mx = x[:, 0].copy()
-    sum_w = weights[:, 0].copy()
-    sum_x = (sum_w * x[:, 0]).astype(F32)
-    for i in range(1, n):
-        mn = np.where(x[:, i] < mn, x[:, i], mn)
-        mx = np.where(x[:, i] > mx, x[:, i], mx)
-        sum_w = (sum_w + weights[:, i]).astype(F32)
-        sum_x = (sum_x + weights[:, i] * x[:, i]).astype(F32)
+    mn = x.min(axis=1)
+    mx = x.max(axis=1)
+    sum_w = seq_sum(weights)
+    sum_x = seq_sum(weights * x)
     mn = np.where(mn > 0, F32(0), mn).astype(F32)
     flat = mx == mn
     mn_flat = mn.copy()
@@ -156,11 +154,8 @@ def make_qkx2_quants(x, weights, nmax: int, rmin: float, rdelta: float, nstep: i
         return np.where(flat, F32(1), (mx - mn).astype(F32)).astype(F32)
 
     def error(scale, the_min, L):
-        e = np.zeros(M, F32)
-        for i in range(n):
-            diff = ((scale * L[:, i].astype(F32)).astype(F32) + the_min - x[:, i]).astype(F32)
-            e = (e + weights[:, i] * (diff * diff).astype(F32)).astype(F32)
-        return e
+        diff = ((scale[:, None] * L.astype(F32)) + the_min[:, None]) - x
+        return seq_sum(weights * (diff * diff))
 
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = (F32(nmax) / span(mn)).astype(F32)
@@ -173,14 +168,8 @@ def make_qkx2_quants(x, weights, nmax: int, rmin: float, rdelta: float, nstep: i
             Laux = np.clip(nearest_int(iscale[:, None] * (x - mn[:, None]).astype(F32)),
                            0, nmax)
             lf = Laux.astype(F32)
-            sum_l = np.zeros(M, F32)
-            sum_l2 = np.zeros(M, F32)
-            sum_xl = np.zeros(M, F32)
-            for i in range(n):
-                wl = (weights[:, i] * lf[:, i]).astype(F32)
-                sum_l = (sum_l + wl).astype(F32)
-                sum_l2 = (sum_l2 + wl * lf[:, i]).astype(F32)
-                sum_xl = (sum_xl + wl * x[:, i]).astype(F32)
+            wl = weights * lf
+            sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * lf), seq_sum(wl * x)
             D = ((sum_w * sum_l2).astype(F32) - (sum_l * sum_l).astype(F32)).astype(F32)
             ok = D > 0
             Ds = np.where(ok, D, F32(1))
@@ -215,9 +204,7 @@ def quantize_qx_k(x: np.ndarray, fmt: str):
     x = np.ascontiguousarray(x, F32)
     N = x.shape[0]
     sub = x.reshape(N * 8, 32)
-    sum_x2 = np.zeros(N * 8, F32)
-    for i in range(32):
-        sum_x2 = (sum_x2 + sub[:, i] * sub[:, i]).astype(F32)
+    sum_x2 = seq_sum(sub * sub)
     av_x = np.sqrt((sum_x2 / F32(32)).astype(F32)).astype(F32)
     weights = (av_x[:, None] + np.abs(sub)).astype(F32)
     scales, mins, L = make_qkx2_quants(sub, weights, nmax, rmin, rdelta, nstep)
