@@ -90,7 +90,8 @@ def test_everything_that_lists_formats_reads_the_registry():
     from alpaca_jax.io.gguf_in import supported_types
 
     upper = tuple(n.upper() for n in EXPORTABLE)
-    assert QTYPES == ("F32", "F16") + upper
+    from alpaca_jax.quant.file_types import FILE_TYPES
+    assert QTYPES == ("F32", "F16") + upper + tuple(f.upper() for f in FILE_TYPES)
     assert supported_types() == ("F32", "F16", "BF16") + upper
     from alpaca_jax.config import ModelConfig
     cfg = ModelConfig(vocab_size=96, hidden_size=256, intermediate_size=512, num_layers=1,

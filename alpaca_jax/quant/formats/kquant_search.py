@@ -81,6 +81,23 @@ def make_qx_quants(x: np.ndarray, nmax: int):
     return np.where(zero, F32(0), scale).astype(F32), L
 
 
+CHUNK = 1024   # super-blocks per pass: each pass's [rows, 32] temporaries stay in cache
+
+
+def _chunked(fn):
+    """Run `fn` over `[N, 256]` super-blocks CHUNK at a time (rows are independent) and join
+    the results, so the temporaries of the searches stay cache-sized."""
+    def run(x, *args):
+        x = np.ascontiguousarray(x, F32)
+        if x.shape[0] <= CHUNK:
+            return fn(x, *args)
+        parts = [fn(x[i:i + CHUNK], *args) for i in range(0, x.shape[0], CHUNK)]
+        return tuple(np.concatenate(p) for p in zip(*parts))
+    run.__doc__, run.__name__ = fn.__doc__, fn.__name__
+    return run
+
+
+@_chunked
 def quantize_q6_k(x: np.ndarray):
     """`quantize_row_q6_K_ref` over super-blocks `[N, 256]`: (d `[N]` float16, scales `[N, 16]`
     int8, L `[N, 256]` uint8 in [0, 63])."""
@@ -196,6 +213,7 @@ def make_qkx2_quants(x, weights, nmax: int, rmin: float, rdelta: float, nstep: i
 _KX2 = {"q4_k": (15, -1.0, 0.1, 20), "q5_k": (31, -0.5, 0.1, 15)}
 
 
+@_chunked
 def quantize_qx_k(x: np.ndarray, fmt: str):
     """`quantize_row_q4_K_ref` / `quantize_row_q5_K_ref` over super-blocks `[N, 256]`:
     (d `[N]` float16, dmin `[N]` float16, sc `[N, 8]` uint8, m `[N, 8]` uint8 (6-bit), L
