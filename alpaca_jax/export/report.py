@@ -11,14 +11,21 @@ import time
 from pathlib import Path
 
 
-def _reference(qtype: str, cfg):
-    """The JAX model a llama.cpp file of `qtype` should reproduce: float for F32/F16, else the
-    fake-quant weights with llama.cpp's 8-bit activation blocks."""
-    from alpaca_jax.quant import FakeQuant, QuantSpec
+def _reference(params, qtype: str, cfg):
+    """(params, transform) of the JAX model a llama.cpp file of `qtype` should reproduce: the
+    float model for F32/F16, else the weights rounded once (`ptq`: the file's values) under a
+    transform that rounds the matmul inputs as llama.cpp's CPU path does for each weight's
+    type. The same model as `FakeQuant(activations=True)` on the float weights, without
+    re-running the quantizer at every forward and decode step."""
+    import dataclasses
+
+    from alpaca_jax.quant import FakeQuant, QuantSpec, ptq
 
     if qtype in ("F32", "F16"):
-        return None
-    return FakeQuant.from_spec(QuantSpec(qtype.lower(), activations=True), cfg)
+        return params, None
+    spec = QuantSpec(qtype.lower(), activations=True)
+    fq = FakeQuant.from_spec(spec, cfg)
+    return ptq(params, spec, cfg), dataclasses.replace(fq, weights=False)
 
 
 def _qat_grid(recipe: dict, qtype: str, cfg) -> bool | None:
@@ -89,18 +96,18 @@ def export_files(params, cfg, tok, qtypes, out_dir: Path, e, recipe: dict, name:
                        name=name)
         info = bytes_per_token(path, context=e.prompt_tokens + e.gen_tokens // 2)
         entry = {"file": path.name, **info, "qat_grid": _qat_grid(recipe, qtype, cfg)}
-        ref = _reference(qtype, cfg)
+        ref_params, ref = _reference(params, qtype, cfg)
         kw = {} if ref is None else {"materialize": ref}
         if parity_ids:
             theirs = llama_logits(path, parity_ids)
-            ours = np.asarray(forward(params, np.array([parity_ids]), cfg, **kw)[0][0])
+            ours = np.asarray(forward(ref_params, np.array([parity_ids]), cfg, **kw)[0][0])
             entry["parity"] = {**kl_stats(theirs, ours), "tokens": len(parity_ids),
                                "reference": "float" if ref is None else "fake-quant, activations",
                                "ppl_llama_cpp": perplexity_of_logits(theirs, parity_ids),
                                "ppl_jax": perplexity_of_logits(ours, parity_ids),
                                "kl_float": kl_stats(theirs, float_logits)["kl_mean"]}
         if chats:
-            jax_out = generate_ids(params, cfg, chats, e.max_new_tokens, eos_ids=eos, **kw)
+            jax_out = generate_ids(ref_params, cfg, chats, e.max_new_tokens, eos_ids=eos, **kw)
             answers = []
             for prompt, ids_c, ours_c in zip(e.prompts, chats, jax_out):
                 theirs_c = llama_greedy(path, ids_c, e.max_new_tokens, eos)
@@ -111,8 +118,8 @@ def export_files(params, cfg, tok, qtypes, out_dir: Path, e, recipe: dict, name:
                      "common_prefix_tokens": same}
                 if same < min(len(ours_c), len(theirs_c)):
                     # how close the JAX model itself was to llama.cpp's choice where they part
-                    last = np.asarray(forward(params, np.array([ids_c + ours_c[:same]]), cfg,
-                                              **kw)[0][0, -1])
+                    last = np.asarray(forward(ref_params, np.array([ids_c + ours_c[:same]]),
+                                              cfg, **kw)[0][0, -1])
                     a["jax_margin_at_divergence"] = float(last[ours_c[same]]
                                                           - last[theirs_c[same]])
                 answers.append(a)

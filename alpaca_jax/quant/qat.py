@@ -32,6 +32,10 @@ class FakeQuant(Transform):
     formats: tuple
     activations: bool = False
     inner: Transform = adapted
+    # False: the weights are already on the grid (`ptq` applied once); only the activation
+    # rounding is emulated. Evaluation and generation of a fixed quantized model use this, so
+    # the quantizer (for the K-quants, a host-side search) does not run at every call.
+    weights: bool = True
 
     @staticmethod
     def from_spec(spec: QuantSpec, cfg: ModelConfig) -> "FakeQuant":
@@ -43,7 +47,7 @@ class FakeQuant(Transform):
     def weight(self, tree, name):
         w = self.inner.weight(tree, name)
         fmt = self._fmt(tree, name)
-        if fmt is None:
+        if fmt is None or not self.weights:
             return w
         if isinstance(fmt, str):
             return fake_quant(w, fmt, axis=block_axis(name))
