@@ -86,9 +86,11 @@ def edge_pareto(results: dict, path, threads=(1, 2)) -> Path | None:
         if not pts:
             continue
         drawn = True
-        for x, y, label in pts:
+        for i, (x, y, label) in enumerate(sorted(pts)):
             ax.scatter([x], [y], s=30)
-            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+            # neighbours by size alternate above and below their point, so labels do not overlap
+            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 4 if i % 2 else -26),
+                        textcoords="offset points")
         front = pareto_front(pts)
         ax.plot([p[0] for p in front], [p[1] for p in front], "--", lw=1, alpha=0.6,
                 label="Pareto front (size, perplexity)")
