@@ -155,4 +155,7 @@ def test_the_archived_runs_still_tabulate():
     rows = collect(files)
     assert len(rows) == len(files) >= 10
     for r in rows:
-        assert r["criterion"] and r["heal"] and "params" in r and "ppl_wiki" in r, r["path"]
+        assert r["criterion"] and r["heal"] and "params" in r, r["path"]
+        # an export-and-benchmark run (the edge tables) evaluates its files, not the model
+        exported = json.loads(Path(r["path"]).read_text()).get("exports")
+        assert "ppl_wiki" in r or exported, r["path"]
