@@ -25,6 +25,12 @@ def _scatter(rows, x_key, y_key, label_keys, xlabel, ylabel, title, path, x_scal
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,9 +108,4 @@ def edge_pareto(results: dict, path, threads=(1, 2)) -> Path | None:
     if not drawn:
         plt.close(fig)
         return None
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

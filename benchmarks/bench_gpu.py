@@ -420,7 +420,8 @@ def main():
     print(json.dumps(results, indent=1))
     if "train" in results and results["train"].get("rows"):
         tr = results["train"]
-        print(f"\nSmolLM2 shape, B{S_bt(args)} bf16 train step on {tr.get('device', '?')} "
+        B, T = _shapes(args.smoke)["train_bt"]
+        print(f"\nSmolLM2 shape, B{B} x T{T} bf16 train step on {tr.get('device', '?')} "
               f"(jax {tr.get('jax', '?')}):")
         print(_fmt_train(tr["rows"]))
     for p in ("hf_train", "hf_compile", "hf_lora"):
@@ -439,11 +440,6 @@ def main():
         print(f"lora7b: {r['params'] / 1e9:.2f}B params, batch {r['batch']}, peak device "
               f"{r['peak_device_gib']:.1f} GiB (weights {r['weights_gib']:.1f}), "
               f"{r['tokens_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}%, compile {r['compile_s']:.0f} s")
-
-
-def S_bt(args):
-    B, T = _shapes(args.smoke)["train_bt"]
-    return f"{B} x T{T}"
 
 
 if __name__ == "__main__":

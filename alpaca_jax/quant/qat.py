@@ -96,6 +96,12 @@ class FakeQuant(Transform):
         return super().tied_head(h, params)
 
 
+# One jitted quantizer each: a fresh `jax.jit(lambda ...)` per weight (or per layer of a mix)
+# would compile every time; these cache by shape, format and axis.
+_fake_quant = jax.jit(fake_quant, static_argnums=(1, 2))
+_quantize = jax.jit(quantize, static_argnums=(1, 2))
+
+
 def _shape_cfg(params: dict, cfg):
     """What `resolve` needs, read from the params when no ModelConfig is given."""
     if cfg is not None:
@@ -122,10 +128,9 @@ def ptq(params: dict, spec: QuantSpec, cfg: ModelConfig | None = None) -> dict:
     out = params
     for key, w, fmt in _quantized_leaves(params, spec, cfg):
         if isinstance(fmt, str):
-            deq = jax.jit(lambda w: fake_quant(w, fmt, axis=block_axis(key)))(w)
+            deq = _fake_quant(w, fmt, block_axis(key))
         else:                                   # one format per layer
-            deq = jnp.stack([jax.jit(lambda w, f=f: fake_quant(w, f, axis=block_axis(key)))(w[i])
-                             for i, f in enumerate(fmt)])
+            deq = jnp.stack([_fake_quant(w[i], f, block_axis(key)) for i, f in enumerate(fmt)])
         out = WeightName.parse(key).put(out, deq)
     return out
 
@@ -141,8 +146,7 @@ def quantize_params(params: dict, spec: QuantSpec,
     out = {}
     for key, w, fmt in _quantized_leaves(params, spec, cfg):
         if isinstance(fmt, str):
-            out[key] = jax.jit(lambda w: quantize(w, fmt, axis=block_axis(key)))(w)
+            out[key] = _quantize(w, fmt, block_axis(key))
         else:
-            out[key] = tuple(jax.jit(lambda w, f=f: quantize(w, f, axis=block_axis(key)))(w[i])
-                             for i, f in enumerate(fmt))
+            out[key] = tuple(_quantize(w[i], f, block_axis(key)) for i, f in enumerate(fmt))
     return out

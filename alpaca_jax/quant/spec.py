@@ -4,8 +4,8 @@ Measured with llama.cpp's own `llama_model_quantize` (llama-cpp-python 0.3.36) o
 (`tests/test_quant.py::test_llama_cpp_tensor_types` re-checks it), and `convert_hf_to_gguf.py`
 for Q8_0:
 - norms (1-D) stay F32;
-- every block linear weight gets the file type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; one K-quant
-  type for all of them: the K-quant mixes Q4_K_M etc. are not modelled here yet);
+- every block linear weight gets the file type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, a K-quant);
+  llama.cpp's K-quant mixes (Q4_K_M ...) choose per tensor and layer (`quant/file_types.py`);
 - the token embedding and the output head: what the format object says
   (`Format.default_embed` / `default_head`, `quant/formats/base.py`). For the GGML types:
   Q8_0 puts both in Q8_0; the others give the token embedding the file type, but the output
@@ -56,11 +56,6 @@ def _mix_defaults(mix: str, cfg) -> tuple[dict, str, str]:
     return out, tensor_type(mix, "output", D), tensor_type(mix, "token_embd", D)
 
 
-def formats_of(fmt) -> tuple[str, ...]:
-    """The distinct formats of one `resolve` value (a format, or one per layer)."""
-    return tuple(dict.fromkeys((fmt,) if isinstance(fmt, str) else fmt))
-
-
 def resolve(spec: QuantSpec, cfg: ModelConfig) -> dict:
     """`{param name: format}` for every quantized weight (`layers/<kernel>`, `embed`,
     `lm_head`); a name absent is kept in float. `spec.weights` is a format or a llama.cpp
@@ -101,21 +96,16 @@ def resolve(spec: QuantSpec, cfg: ModelConfig) -> dict:
         dim = dims[WeightName.parse(name).kernel]
         fixed = []
         for f in (fmt,) if isinstance(fmt, str) else fmt:
-            if has_fallback(f):
-                f = fallback(f, dim)
-            block = parse_format(f).block or 1 if f != "f16" else 1
-            if dim % block:
+            g = fallback(f, dim) if has_fallback(f) else f
+            block = 32 if g == "f16" else parse_format(g).block or 1
+            if g == "f16" or dim % block:
                 raise ValueError(
                     f"cannot quantize {name} to {f}: its contracted dimension {dim} is not a "
                     f"multiple of the block size {block} (llama.cpp's converter would fall "
                     "back to F16 for such a tensor; pick another format for it or keep it "
                     "with 'none')")
-            fixed.append(f)
-        fixed = tuple(fixed)
-        if "f16" in fixed:
-            raise ValueError(f"cannot quantize {name}: its contracted dimension {dim} fits no "
-                             f"block of {fmt} or its fallback (llama.cpp would write F16)")
-        out[name] = fixed[0] if isinstance(fmt, str) else fixed
+            fixed.append(g)
+        out[name] = fixed[0] if isinstance(fmt, str) else tuple(fixed)
     return out
 
 

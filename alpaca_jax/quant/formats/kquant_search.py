@@ -279,12 +279,17 @@ def pack_q4_k(d, dmin, ls, lm, L) -> np.ndarray:
     return np.concatenate([_halves(d), _halves(dmin), pack_scales_k4(ls, lm), qs], axis=1)
 
 
+def _unpack_head_k4(b: np.ndarray):
+    """d, dmin, sc, m: the 16 leading bytes Q4_K and Q5_K blocks share."""
+    d = np.ascontiguousarray(b[:, 0:2]).view(np.float16)[:, 0]
+    dmin = np.ascontiguousarray(b[:, 2:4]).view(np.float16)[:, 0]
+    return (d, dmin, *unpack_scales_k4(b[:, 4:16]))
+
+
 def unpack_q4_k(b: np.ndarray):
     b = np.asarray(b, np.uint8)
     N = b.shape[0]
-    d = np.ascontiguousarray(b[:, 0:2]).view(np.float16)[:, 0]
-    dmin = np.ascontiguousarray(b[:, 2:4]).view(np.float16)[:, 0]
-    sc, m = unpack_scales_k4(b[:, 4:16])
+    d, dmin, sc, m = _unpack_head_k4(b)
     qs = b[:, 16:144].reshape(N, 4, 32)
     L = np.stack([qs & 0xF, qs >> 4], axis=2).reshape(N, 256)
     return d, dmin, sc, m, L.astype(np.uint8)
@@ -305,9 +310,7 @@ def pack_q5_k(d, dmin, ls, lm, L) -> np.ndarray:
 def unpack_q5_k(b: np.ndarray):
     b = np.asarray(b, np.uint8)
     N = b.shape[0]
-    d = np.ascontiguousarray(b[:, 0:2]).view(np.float16)[:, 0]
-    dmin = np.ascontiguousarray(b[:, 2:4]).view(np.float16)[:, 0]
-    sc, m = unpack_scales_k4(b[:, 4:16])
+    d, dmin, sc, m = _unpack_head_k4(b)
     qh = b[:, 16:48]
     qs = b[:, 48:176].reshape(N, 4, 32)
     L = np.stack([np.stack([(qs[:, k] & 0xF) | (((qh >> (2 * k)) & 1) << 4),

@@ -28,7 +28,6 @@ from alpaca_jax.quant.formats.base import GGMLFormat, Quantized, register_format
 
 class _KQuant(GGMLFormat):
     block = ks.QK_K
-    n_sub: int
 
     def _host(self, x: np.ndarray) -> tuple:
         """numpy: the arrays `quantize_blocks` returns, for blocks `[..., n_blocks, 256]`."""
@@ -55,7 +54,6 @@ class Q6_K(_KQuant):
     ggml_type = gguf.GGMLQuantizationType.Q6_K
     type_size = 210
     file_type = gguf.LlamaFileType.MOSTLY_Q6_K
-    n_sub = 16
 
     def _host(self, x):
         x = np.asarray(x, np.float32)
@@ -90,7 +88,7 @@ class Q6_K(_KQuant):
 
 
 class _Q45K(_KQuant):
-    n_sub = 8
+    """Q4_K and Q5_K: the same search and scale layout; `_pack` / `_unpack` differ."""
 
     def _host(self, x):
         x = np.asarray(x, np.float32)
@@ -115,21 +113,17 @@ class _Q45K(_KQuant):
         codes = q.codes.astype(jnp.float32).reshape(*lead, 8, 32)
         return (d1[..., None] * codes - m1[..., None]).reshape(*lead, 256)
 
-    def _pack_fn(self):
-        return ks.pack_q4_k if self.name == "q4_k" else ks.pack_q5_k
-
     def pack(self, q: Quantized) -> np.ndarray:
         codes = np.asarray(q.codes)
         lead = codes.shape[:-1]
         flat = lambda a, *s: np.asarray(a).reshape(-1, *s)  # noqa: E731
-        return self._pack_fn()(flat(q.d), flat(q.m), flat(q.extra["sc"], 8),
+        return self._pack(flat(q.d), flat(q.m), flat(q.extra["sc"], 8),
                                flat(q.extra["m"], 8), flat(codes, 256)
                                ).reshape(*lead, self.type_size)
 
     def unpack(self, blocks: np.ndarray) -> Quantized:
         lead = blocks.shape[:-1]
-        fn = ks.unpack_q4_k if self.name == "q4_k" else ks.unpack_q5_k
-        d, dmin, sc, m, L = fn(blocks.reshape(-1, self.type_size))
+        d, dmin, sc, m, L = self._unpack(blocks.reshape(-1, self.type_size))
         return self._quantized(L.reshape(*lead, 256), d.reshape(lead), dmin.reshape(lead),
                                sc.reshape(*lead, 8), m.reshape(*lead, 8))
 
@@ -140,6 +134,7 @@ class Q4_K(_Q45K):
     ggml_type = gguf.GGMLQuantizationType.Q4_K
     type_size = 144
     file_type = gguf.LlamaFileType.MOSTLY_Q4_K_S
+    _pack, _unpack = staticmethod(ks.pack_q4_k), staticmethod(ks.unpack_q4_k)
 
 
 @register_format
@@ -148,3 +143,4 @@ class Q5_K(_Q45K):
     ggml_type = gguf.GGMLQuantizationType.Q5_K
     type_size = 176
     file_type = gguf.LlamaFileType.MOSTLY_Q5_K_S
+    _pack, _unpack = staticmethod(ks.pack_q5_k), staticmethod(ks.unpack_q5_k)
