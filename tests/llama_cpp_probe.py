@@ -72,3 +72,51 @@ def capture(model_path: str, ids: list[int], names: set[str], threads: int = 2) 
     finally:
         lib.llama_context_default_params = default
     return got
+
+
+def matmul_pairs(cfg) -> list[tuple]:
+    """(llama.cpp input name, output name, our kernel, heads to un-permute or None) per block,
+    then the output head."""
+    out = []
+    for i in range(cfg.num_layers):
+        out += [(f"attn_norm-{i}", f"Qcur-{i}", "wq", cfg.num_heads),
+                (f"attn_norm-{i}", f"Kcur-{i}", "wk", cfg.num_kv_heads),
+                (f"attn_norm-{i}", f"Vcur-{i}", "wv", None),
+                (f"kqv_out-{i}", f"attn_out-{i}", "wo", None),
+                (f"ffn_norm-{i}", f"ffn_gate-{i}", "w_gate", None),
+                (f"ffn_norm-{i}", f"ffn_up-{i}", "w_up", None),
+                (f"ffn_swiglu-{i}", f"ffn_out-{i}", "w_down", None)]
+    return out + [("result_norm", "result_output", "head", None)]
+
+
+def matmul_errors(path, params, cfg, qtype: str, ids: list[int]) -> dict[str, float]:
+    """Every quantized matmul of the GGUF at `path` (our `qtype` export of `params`): our
+    emulated product (`FakeQuant(activations=True)`) on the input llama.cpp's matmul saw,
+    against llama.cpp's output; `{output name: max |diff| / max(1, max |theirs|)}`."""
+    import jax
+
+    from alpaca_jax.io.gguf_in import permute_rope
+    from alpaca_jax.model.params import LAYER_INDEX
+    from alpaca_jax.quant import FakeQuant, QuantSpec
+
+    mm = matmul_pairs(cfg)
+    got = capture(path, ids, {n for pair in mm for n in pair[:2]})
+    missing = sorted({n for pair in mm for n in pair[:2]} - set(got))
+    if missing:
+        raise AssertionError(f"llama.cpp tensors not captured: {missing[:5]}")
+    fq = FakeQuant.from_spec(QuantSpec(qtype.lower(), activations=True), cfg)
+    errors = {}
+    for src, dst, kernel, heads in mm:
+        x = got[src]
+        if kernel == "head":
+            ours = np.asarray(fq.linear(x, params, "lm_head") if "lm_head" in params
+                              else fq.tied_head(x[None], params)[0])
+        else:
+            i = int(dst.rsplit("-", 1)[1])
+            lp = {**jax.tree.map(lambda a: a[i], params["layers"]), LAYER_INDEX: i}
+            ours = np.asarray(fq.linear(x, lp, kernel))
+        if heads is not None:                    # llama.cpp's q/k rows are RoPE-permuted
+            ours = permute_rope(ours.T, heads).T
+        ref = got[dst]
+        errors[dst] = float(np.abs(ours - ref).max() / max(1.0, np.abs(ref).max()))
+    return errors

@@ -11,7 +11,6 @@ emulation against itself with every matmul input moved by one ulp differs by the
 (~3e-3) as llama.cpp does from it. So the end-to-end check is a bound (`KL_BOUND`), and
 exactness is checked where it is well defined: per matmul, on llama.cpp's inputs.
 """
-import jax
 import numpy as np
 import pytest
 
@@ -19,10 +18,8 @@ from alpaca_jax import forward
 from alpaca_jax.data.corpora import load_documents
 from alpaca_jax.export import to_gguf
 from alpaca_jax.export.runtime import kl_stats, llama_logits
-from alpaca_jax.io.gguf_in import permute_rope
-from alpaca_jax.model.params import LAYER_INDEX
 from alpaca_jax.quant import FakeQuant, QuantSpec
-from llama_cpp_probe import capture
+from llama_cpp_probe import matmul_errors
 
 pytestmark = pytest.mark.real_model
 
@@ -38,47 +35,15 @@ def smollm2():
     return load_model("smollm2-135m-instruct")
 
 
-def _matmuls(cfg):
-    """(llama.cpp input name, output name, our kernel, heads to un-permute or None) per block,
-    then the tied output head."""
-    out = []
-    for i in range(cfg.num_layers):
-        out += [(f"attn_norm-{i}", f"Qcur-{i}", "wq", cfg.num_heads),
-                (f"attn_norm-{i}", f"Kcur-{i}", "wk", cfg.num_kv_heads),
-                (f"attn_norm-{i}", f"Vcur-{i}", "wv", None),
-                (f"kqv_out-{i}", f"attn_out-{i}", "wo", None),
-                (f"ffn_norm-{i}", f"ffn_gate-{i}", "w_gate", None),
-                (f"ffn_norm-{i}", f"ffn_up-{i}", "w_up", None),
-                (f"ffn_swiglu-{i}", f"ffn_out-{i}", "w_down", None)]
-    return out + [("result_norm", "result_output", "head", None)]
-
-
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K_M"])
 def test_every_quantized_matmul_reproduces_llama_cpp_on_its_input(smollm2, qtype, tmp_path):
     params, cfg, tok = smollm2
     path = to_gguf(params, cfg, tok, tmp_path / "m.gguf", qtype)
     ids = tok.encode("\n\n".join(load_documents("wiki")[:3]), bos=False)[:37]  # 4-row tiles + 1
-    mm = _matmuls(cfg)
-    got = capture(path, ids, {n for pair in mm for n in pair[:2]})
-    missing = sorted({n for pair in mm for n in pair[:2]} - set(got))
-    assert not missing, f"llama.cpp tensors not captured: {missing[:5]}"
-    fq = FakeQuant.from_spec(QuantSpec(qtype.lower(), activations=True), cfg)
-    worst = 0.0
-    for src, dst, kernel, heads in mm:
-        x = got[src]
-        if kernel == "head":
-            ours = np.asarray(fq.tied_head(x[None], params)[0])
-        else:
-            i = int(dst.rsplit("-", 1)[1])
-            lp = {**jax.tree.map(lambda a: a[i], params["layers"]), LAYER_INDEX: i}
-            ours = np.asarray(fq.linear(x, lp, kernel))
-        if heads is not None:                    # llama.cpp's q/k rows are RoPE-permuted
-            ours = permute_rope(ours.T, heads).T
-        ref = got[dst]
-        err = float(np.abs(ours - ref).max() / max(1.0, np.abs(ref).max()))
-        worst = max(worst, err)
-        assert err < 2e-5, f"{qtype} {dst}: max |diff| / scale = {err:.3g}"
-    print(f"{qtype}: {len(mm)} matmuls, worst max|diff|/scale {worst:.2e}")
+    errors = matmul_errors(path, params, cfg, qtype, ids)
+    worst = max(errors, key=errors.get)
+    print(f"{qtype}: {len(errors)} matmuls, worst {worst} {errors[worst]:.2e}")
+    assert errors[worst] < 2e-5, f"{qtype} {worst}: max |diff| / scale = {errors[worst]:.3g}"
 
 
 def test_q4_0_logits_within_the_kl_bound_of_the_emulation(smollm2, tmp_path):

@@ -128,3 +128,17 @@ def test_rounded_once_then_activations_only_is_the_emulating_model(model):
     plain = np.asarray(jax.tree.map(lambda a: a[0], rounded["layers"])["wq"])
     assert not np.allclose(x @ plain, np.asarray(once.linear(x, {**jax.tree.map(
         lambda a: a[0], rounded["layers"]), LAYER_INDEX: 0}, "wq")), atol=1e-6)  # rounds x
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q5_K_M"])
+def test_every_matmul_reproduces_llama_cpp_on_its_input(model, qtype):
+    """Per matmul, on llama.cpp's own inputs: the activation emulation of each weight type,
+    including Q8_1's fp16-rounded block sums (Q4_1, Q5_1, and the Q5_K mixes' Q5_1 fallback)."""
+    from llama_cpp_probe import matmul_errors
+
+    params, cfg, tok, f32, d = model
+    path = to_gguf(params, cfg, tok, d / f"probe-{qtype}.gguf", qtype)
+    ids = [int(i) for i in np.arange(1, 38) % cfg.vocab_size]
+    errors = matmul_errors(path, params, cfg, qtype, ids)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 2e-5, f"{qtype} {worst}: max |diff| / scale = {errors[worst]:.3g}"

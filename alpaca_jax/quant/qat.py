@@ -81,18 +81,20 @@ class FakeQuant(Transform):
 
     def _quantized_linear(self, x, tree, name):
         fmt = self._fmt(tree, name)
-        if self.activations:   # the rounding llama.cpp gives inputs of this weight type
-            if isinstance(fmt, str):
-                x = get_format(fmt).fake_quant_activations(x)
-            else:
-                x = self._by_layer(tree, name, fmt,
-                                   lambda f, x: get_format(f).fake_quant_activations(x), x)
-        return matmul(x, self.weight(tree, name))
+        w = self.weight(tree, name)
+        if not self.activations:
+            return matmul(x, w)
+        # the product as llama.cpp's CPU backend forms it for this weight type (its rounding of
+        # the inputs, and for Q4_1/Q5_1 the rounded block sums of Q8_1)
+        if isinstance(fmt, str):
+            return get_format(fmt).emulated_matmul(x, w, -2)
+        return self._by_layer(tree, name, fmt,
+                              lambda f, x, w: get_format(f).emulated_matmul(x, w, -2), x, w)
 
     def tied_head(self, h, params):
         fmt = self._fmt(params, "embed")
-        if self.activations and fmt is not None:
-            h = get_format(fmt).fake_quant_activations(h)   # llama.cpp rounds the head's input too
+        if self.activations and fmt is not None:   # llama.cpp rounds the head's input too
+            return get_format(fmt).emulated_matmul(h, self.weight(params, "embed"), -1)
         return super().tied_head(h, params)
 
 

@@ -29,6 +29,32 @@ def q8_activations(x):
     return ste(qdq)(x)
 
 
+def q8_1_sum_error(x):
+    """What llama.cpp's Q8_1 activation blocks (the `vec_dot_type` of Q4_1/Q5_1) add to a matmul
+    beyond `q8_activations(x)`, per block of 32: the weight's block minimum `m` enters the dot
+    product as `m * s`, with `s = fp16(d * sum(q))` stored in the block (`d` the float32 scale,
+    `quantize_row_q8_1`), where `q8_activations(x) @ w` gives `m * fp16(d) * sum(q)`. Returns
+    `s - fp16(d) * sum(q)`, `[..., n_blocks]` float32, no gradient (the straight-through
+    estimator of `q8_activations` already carries it)."""
+    xb = to_blocks(jax.lax.stop_gradient(x).astype(jnp.float32), -1, QK8)
+    amax = jnp.max(jnp.abs(xb), axis=-1)
+    d = div_const(amax, 127)
+    inv = jnp.where(amax == 0, jnp.float32(0), jnp.float32(127) / jnp.where(amax == 0, 1, amax))
+    qsum = jnp.sum(jnp.round(xb * inv[..., None]), axis=-1)   # integers: the sum is exact
+    s = (d * qsum).astype(jnp.float16).astype(jnp.float32)
+    return s - d.astype(jnp.float16).astype(jnp.float32) * qsum
+
+
+def q8_1_matmul(x, w, contract: int, product):
+    """`product` (= `q8_activations(x) @ w`) plus the Q8_1 block-sum term of `q8_1_sum_error`,
+    for a weight `w` already on a Q4_1/Q5_1 grid: the minimum of each of its dequantized blocks
+    is the block's fp16 `m` exactly (the smallest value always takes code 0)."""
+    mins = jnp.min(to_blocks(jax.lax.stop_gradient(w).astype(jnp.float32), contract, QK8),
+                   axis=-1)                                          # [out, n_blocks]
+    fix = jnp.einsum("...b,ob->...o", q8_1_sum_error(x), mins)
+    return product + fix.astype(product.dtype)
+
+
 def ste(f):
     """`f` forward, identity backward (exact forward value, unlike `x + stop_gradient(f(x)-x)`,
     which rounds)."""

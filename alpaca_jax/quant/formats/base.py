@@ -21,6 +21,7 @@ from typing import Callable
 
 import gguf
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -75,6 +76,17 @@ class Format(abc.ABC):
         this format (its `vec_dot_type`). Default: 8-bit blocks of 32 (Q8_0/Q8_1)."""
         from alpaca_jax.quant.formats.activations import q8_activations
         return q8_activations(x)
+
+    def emulated_matmul(self, x, w, contract: int):
+        """`x @ w` as llama.cpp's CPU backend computes it for a weight `w` of this format,
+        already on its grid (dequantized); `w`'s axis `contract` is the contracted one (`-2`
+        for kernels `[in, out]`, `-1` for a tied embedding `[V, D]`). Default: the activations
+        rounded by `fake_quant_activations`, then an ordinary product."""
+        x = self.fake_quant_activations(x)
+        if contract == -1:
+            return jnp.einsum("...d,vd->...v", x, w.astype(x.dtype))
+        from alpaca_jax.model.transform import matmul
+        return matmul(x, w)
 
     def to_bytes(self, q: Quantized) -> np.ndarray:
         raise ValueError(f"{self.name} is not a GGML type; it has no GGUF byte layout")

@@ -8,6 +8,7 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
+from alpaca_jax.quant.formats.activations import q8_1_matmul
 from alpaca_jax.quant.formats.base import GGMLFormat, Quantized, register_format
 from alpaca_jax.quant.formats.layout import (f16_bytes, f16_from_bytes, pack_nibbles,
                                              unpack_nibbles)
@@ -34,6 +35,10 @@ class Q4_1(GGMLFormat):
         # q (4 bits) * d (fp16, 11 bits) is exact in float32, so a fused multiply-add cannot
         # change the sum
         return prod + q.m.astype(jnp.float32)[..., None]
+
+    def emulated_matmul(self, x, w, contract: int):
+        # llama.cpp pairs this format with Q8_1 activations, whose stored block sums are rounded
+        return q8_1_matmul(x, w, contract, super().emulated_matmul(x, w, contract))
 
     def pack(self, q: Quantized) -> np.ndarray:
         codes = np.asarray(q.codes)

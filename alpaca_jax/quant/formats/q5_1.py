@@ -9,6 +9,7 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
+from alpaca_jax.quant.formats.activations import q8_1_matmul
 from alpaca_jax.quant.formats.base import GGMLFormat, Quantized, register_format
 from alpaca_jax.quant.formats.layout import (f16_bytes, f16_from_bytes, pack_fifth_bits,
                                              pack_nibbles, unpack_fifth_bits, unpack_nibbles)
@@ -34,6 +35,10 @@ class Q5_1(GGMLFormat):
         prod = q.codes.astype(jnp.float32) * q.d.astype(jnp.float32)[..., None]
         # q (5 bits) * d (fp16, 11 bits) is exact in float32: an FMA cannot change the sum
         return prod + q.m.astype(jnp.float32)[..., None]
+
+    def emulated_matmul(self, x, w, contract: int):
+        # llama.cpp pairs this format with Q8_1 activations, whose stored block sums are rounded
+        return q8_1_matmul(x, w, contract, super().emulated_matmul(x, w, contract))
 
     def pack(self, q: Quantized) -> np.ndarray:
         codes = np.asarray(q.codes, np.uint8)
