@@ -1,4 +1,5 @@
-"""Training mechanics on tiny models: split, accumulation, packing, sharding, guards, resume."""
+"""Training mechanics on tiny models: split, accumulation, packing, guards, resume (on a mesh:
+`test_mesh.py`)."""
 import numpy as np
 import pytest
 import jax
@@ -8,7 +9,6 @@ from alpaca_jax import ModelConfig, init_params
 from alpaca_jax.data.batching import pack
 from alpaca_jax.train.checkpoint import CheckpointRestoreError
 from alpaca_jax.train.loop import NonFiniteLossError, TrainConfig, train
-from alpaca_jax.train.sharding import make_mesh, shard_batch, shard_tree
 from alpaca_jax.train.split import combine, split
 from alpaca_jax.train.step import loss_sums, make_train_step
 
@@ -89,32 +89,6 @@ def test_packed_loss_equals_separate_examples():
            for i, m in zip(ids, masks)]
     np.testing.assert_allclose(float(s), sum(float(x[0]) for x in sep), rtol=1e-5)
     assert float(n) == sum(float(x[1]) for x in sep) == 7 + 5  # every response token is a target
-
-
-def test_sharded_step_equals_unsharded():
-    assert jax.device_count() == 8
-    mesh = make_mesh(data=2, fsdp=4)
-    rows = _rows()
-    t, f = split(_params(), lambda p: True)
-    opt = optax.adamw(1e-3)
-    batch = {k: v.reshape(1, 8, -1) for k, v in rows.rows(np.arange(8)).items()}
-    step = make_train_step(CFG, opt)
-    ref, _, m_ref = step(jax.tree_util.tree_map(np.array, t), f, opt.init(t), batch, 0)
-    ts = shard_tree(t, mesh)
-    assert ts["layers"]["w_up"].sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
-    got, _, m = step(ts, f, opt.init(ts), shard_batch(batch, mesh), 0)
-    np.testing.assert_allclose(float(m["loss"]), float(m_ref["loss"]), rtol=1e-6)
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-
-
-def test_sharded_training_loop_runs_on_the_mesh(tmp_path):
-    rows = _rows()
-    tc = TrainConfig(steps=4, batch_size=8, lr=1e-3, warmup_steps=0, eval_every=2, save_every=2)
-    ref = train(_params(), CFG, rows, rows, tc, tmp_path / "a")
-    got = train(_params(), CFG, rows, rows, tc, tmp_path / "b", mesh=make_mesh(data=2, fsdp=4))
-    np.testing.assert_allclose([h["loss"] for h in got.history],
-                               [h["loss"] for h in ref.history], rtol=1e-5)
 
 
 def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):

@@ -111,6 +111,17 @@ def _device(device):
     return devices[i]
 
 
+def _on_mesh(method):
+    """Run a request method on the model's own mesh, when it was given one."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        if self._mesh is None:
+            return method(self, *args, **kwargs)
+        with jax.set_mesh(self._mesh):
+            return method(self, *args, **kwargs)
+    return wrapped
+
+
 @register_model("alpaca_jax")
 class AlpacaJaxLM(TemplateLM):
     """An lm-eval model over `(params, cfg, tokenizer, materialize)`, or built from `source=`
@@ -119,7 +130,11 @@ class AlpacaJaxLM(TemplateLM):
     def __init__(self, source: str | None = None, run_dir: str | None = None, *, params=None,
                  cfg=None, tokenizer=None, materialize=adapted, batch_size=8, device=None,
                  max_length: int | None = None, max_gen_toks: int = 256,
-                 compute_dtype: str | None = None, max_batch_size=None, name: str | None = None):
+                 compute_dtype: str | None = None, max_batch_size=None, name: str | None = None,
+                 mesh: str | None = None):
+        """`mesh`: "DATAxFSDPxTENSOR" (e.g. `mesh=2x2x2`, -1 for the rest): the params are
+        placed by the logical rules (`parallel/`) and every request runs on that mesh. Inside
+        a pipeline run the pipeline's mesh is already current and params already placed."""
         super().__init__()
         given = [k for k, v in (("source", source), ("run_dir", run_dir),
                                 ("params", params)) if v is not None]
@@ -142,6 +157,18 @@ class AlpacaJaxLM(TemplateLM):
         self._device = _device(device)
         if self._device is not None:
             params = jax.device_put(params, self._device)
+        self._mesh = None
+        if mesh:
+            from alpaca_jax.parallel import MeshCfg, make_mesh, param_shardings, place_tree
+            try:
+                sizes = [int(x) for x in str(mesh).lower().split("x")]
+                if len(sizes) != 3:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"alpaca_jax model: mesh={mesh!r}; expected "
+                                 "DATAxFSDPxTENSOR, e.g. 2x2x2 or -1x1x2") from None
+            self._mesh = make_mesh(MeshCfg(*sizes))
+            params = place_tree(params, param_shardings(params, self._mesh)[0])
         self.params, self.cfg, self.tokenizer, self.materialize = params, cfg, tokenizer, \
             materialize
         self.batch_size = _parse_batch_size(batch_size)
@@ -202,6 +229,7 @@ class AlpacaJaxLM(TemplateLM):
                                      type(self.materialize).__name__)}
 
     # -- loglikelihood ------------------------------------------------------------------------
+    @_on_mesh
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """(sum of log p, all greedy) per `((context, continuation), context_ids, cont_ids)`."""
         rows: dict[tuple, int] = {}         # the model input (tokens) -> row index
@@ -256,6 +284,7 @@ class AlpacaJaxLM(TemplateLM):
         bar.close()
         return out
 
+    @_on_mesh
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each document's total log-likelihood over lm-eval's disjoint rolling windows of
         `max_length` tokens (the first conditioned on `prefix_token_id`), as HFLM."""
@@ -293,6 +322,7 @@ class AlpacaJaxLM(TemplateLM):
         return args
 
     # -- generation ---------------------------------------------------------------------------
+    @_on_mesh
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, when the task asks) continuations cut at the first `until` string
         or EOS, at most `max_gen_toks` tokens; requests with the same settings batch together."""

@@ -19,6 +19,7 @@ from alpaca_jax.model.params import LAYER_INDEX, LAYER_KERNELS
 from alpaca_jax.model.remat import remat_block
 from alpaca_jax.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 from alpaca_jax.model.transform import Transform, check_transform, identity  # noqa: F401
+from alpaca_jax.parallel.logical import constrain_batch
 
 Materialize = Transform
 
@@ -115,6 +116,7 @@ def forward(params: dict, tokens_BxT: jax.Array, cfg: ModelConfig, *, positions=
         (evaluation, generation) is deterministic.
     """
     check_transform(materialize)
+    tokens_BxT = constrain_batch(tokens_BxT)   # data parallel under a mesh (parallel/logical.py)
     B, T = tokens_BxT.shape
     L = cfg.num_layers
     h = embed_tokens(params, tokens_BxT, cfg, materialize)

@@ -27,23 +27,46 @@ def facets(job: Job, stages: list[str], prune_record) -> dict:
             "seed": job.train.seed}
 
 
-def load(job: Job):
-    """(params, cfg, tokenizer, the replayed run's State or None)."""
+def load(job: Job, mesh=None):
+    """(params, cfg, tokenizer, the replayed run's State or None); on `mesh`, each tensor
+    placed by the logical rules as it is read."""
     from alpaca_jax import load_model
+    from alpaca_jax.parallel.logical import leaf_sharding, param_shardings, place_tree
     from alpaca_jax.prune import drop_layers
 
     if job.run_dir is not None:
         from alpaca_jax.recipe.replay import replay
 
         st, _ = replay(job.run_dir)
+        if mesh is not None:
+            st.params = place_tree(st.params, param_shardings(st.params, mesh,
+                                                              job.mesh.rules)[0])
         return st.params, st.cfg, st.tok, st
-    params, cfg, tok = load_model(job.model.source, job.model.param_dtype)
+    params, cfg, tok = load_model(job.model.source, job.model.param_dtype,
+                                  None if mesh is None else leaf_sharding(mesh, job.mesh.rules))
     if job.drop_blocks:      # bad indices: drop_layers names them, before any work
         params, cfg = drop_layers(params, cfg, list(job.drop_blocks))
     return params, cfg, tok, None
 
 
 def run(job: Job, run_dir: Path, resolved: dict) -> dict:
+    """Join the cluster if the job is a multi-process one, build the mesh, and run every
+    stage on it (`parallel/`)."""
+    import jax
+
+    from alpaca_jax.parallel import make_mesh
+    from alpaca_jax.parallel.cluster import initialize
+
+    initialize(job.distributed)
+    mesh = make_mesh(job.mesh)
+    if jax.process_index() == 0:
+        print(f"[mesh] {dict(mesh.shape)} over {jax.device_count()} devices, "
+              f"{jax.process_count()} process(es)", flush=True)
+    with jax.set_mesh(mesh):
+        return _run(job, run_dir, resolved, mesh)
+
+
+def _run(job: Job, run_dir: Path, resolved: dict, mesh) -> dict:
     from alpaca_jax import count_params
     from alpaca_jax.data.alpaca import split_records
     from alpaca_jax.eval.suite import prepare
@@ -67,11 +90,11 @@ def run(job: Job, run_dir: Path, resolved: dict) -> dict:
     train_rec, val_rec = [], []
     if needs_data:                    # bad data fails before the model loads
         train_rec, val_rec = split_records(load_instruction_records(d), d.val_size, d.split_seed)
-    params, cfg, tok, replayed = load(job)
+    params, cfg, tok, replayed = load(job, mesh)
     cfg = cfg.replace(compute_dtype=job.model.compute_dtype, remat=job.model.remat,
                       attention=job.model.attention)
     st = State(job=job, run_dir=run_dir, stages=stages, params=params, cfg=cfg, tok=tok,
-               transform=adapted)
+               transform=adapted, mesh=mesh)
     st.base, st.order = job.model.source, list(stages)
     if replayed is not None:          # a finished run's model: its lineage carries on
         for key in ("transform", "prune", "quant", "finetune", "adapter_dir", "base", "order"):

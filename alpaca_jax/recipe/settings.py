@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from alpaca_jax.parallel.cluster import DistributedCfg
+from alpaca_jax.parallel.mesh import MeshCfg
 from alpaca_jax.tracking import LoggerConfig
 from alpaca_jax.train.distill import DistillConfig
 from alpaca_jax.train.loop import TrainConfig
@@ -145,7 +147,10 @@ class Job:
     # load a finished run's final model (its recorded stages replayed) instead of model.source
     run_dir: str | None = None
     drop_blocks: list[int] = field(default_factory=list)   # blocks removed at load (unhealed)
-    mesh_fsdp: int = 1               # heal: devices per fsdp group; data parallel over the rest
+    # the device mesh every stage runs on (data x fsdp x tensor, logical-axis rules) and the
+    # multi-process cluster it may span (alpaca_jax/parallel/)
+    mesh: MeshCfg = field(default_factory=MeshCfg)
+    distributed: DistributedCfg = field(default_factory=DistributedCfg)
     model: ModelSourceCfg = field(default_factory=ModelSourceCfg)
     data: DataCfg = field(default_factory=DataCfg)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -51,6 +51,7 @@ class State:
     eval_fns: dict = field(default_factory=dict)
     base: str = ""                                 # the lineage: the model first loaded
     order: list = field(default_factory=list)      # and every stage that changed it, in order
+    mesh: object = None                            # the device mesh every stage runs on
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,6 @@ def _heal(st: State, tag: str) -> None:
     from alpaca_jax.peft import add_lora, is_adapter, save_peft
     from alpaca_jax.train.distill import make_teacher
     from alpaca_jax.train.loop import train
-    from alpaca_jax.train.sharding import make_mesh
     from alpaca_jax.train.split import split, train_all
 
     job = st.job
@@ -212,9 +212,9 @@ def _heal(st: State, tag: str) -> None:
         from alpaca_jax.recipe.quantizing import quantizer
 
         materialize = quantizer(job.quant, st.cfg)
-    mesh = make_mesh(fsdp=job.mesh_fsdp) if job.mesh_fsdp > 1 else None
     res = train(st.params, st.cfg, st.data["train_rows"], st.data["val_rows"], tc, st.run_dir,
-                log=log, trainable=trainable, materialize=materialize, mesh=mesh,
+                log=log, trainable=trainable, materialize=materialize, mesh=st.mesh,
+                rules=job.mesh.rules,
                 fingerprint={"upstream": st.store.chain}, teacher=st.teacher)
     bar.close()
     st.train_result = res

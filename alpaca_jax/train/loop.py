@@ -16,7 +16,6 @@ from alpaca_jax.data.batching import PackedRows, batch_indices
 from alpaca_jax.model.adapters import adapted
 from alpaca_jax.train.checkpoint import Checkpointer
 from alpaca_jax.train.optim import make_optimizer
-from alpaca_jax.train.sharding import shard_batch, shard_tree
 from alpaca_jax.train.split import combine, split, train_all
 from alpaca_jax.train.step import make_eval_fn, make_train_step
 
@@ -81,13 +80,31 @@ def master_copy(x):
 
 def train(params, cfg, train_rows: PackedRows, val_rows: PackedRows | None, tc: TrainConfig,
           out_dir, *, trainable: Callable[[str], bool] = train_all, materialize=adapted,
-          mesh=None, log: Callable[[dict], None] | None = None,
+          mesh=None, rules: dict | None = None, log: Callable[[dict], None] | None = None,
           fingerprint: dict | None = None, teacher=None) -> TrainResult:
     """Train the `trainable` part of `params`; resumes from `out_dir/checkpoints` when it holds a
     checkpoint of the same train config and `fingerprint` (anything else that shapes the
     trainable tree or the data, e.g. the adapter config). `teacher` (`train/distill.py:
     Teacher`) distils from it instead of the next-token loss; its record joins the fingerprint,
-    so a run is not resumed under another objective or teacher."""
+    so a run is not resumed under another objective or teacher.
+
+    `mesh` (`parallel/mesh.py`): params, adapters and optimizer state are placed by the logical
+    rules (`rules` override `parallel/logical.py: DEFAULT_RULES`), the step keeps them there,
+    and each process feeds only the batch rows its devices hold."""
+    if mesh is None:
+        return _train(params, cfg, train_rows, val_rows, tc, out_dir, trainable, materialize,
+                      None, rules, log, fingerprint, teacher)
+    with jax.set_mesh(mesh):   # the forward's batch constraint reads the context mesh
+        return _train(params, cfg, train_rows, val_rows, tc, out_dir, trainable, materialize,
+                      mesh, rules, log, fingerprint, teacher)
+
+
+def _train(params, cfg, train_rows, val_rows, tc, out_dir, trainable, materialize, mesh, rules,
+           log, fingerprint, teacher) -> TrainResult:
+    from alpaca_jax.parallel.cluster import local_rows
+    from alpaca_jax.parallel.logical import (batch_sharding, param_shardings, place_tree,
+                                             shardings_like)
+
     log = log or (lambda m: None)
     if teacher is not None:
         fingerprint = {**(fingerprint or {}), "distill": teacher.record}
@@ -96,12 +113,18 @@ def train(params, cfg, train_rows: PackedRows, val_rows: PackedRows | None, tc: 
     # copy is the float32 master copy: bf16/fp16 params train in fp32 (updates of ~lr * 1e-3
     # vanish in bf16), while frozen leaves stay in their stored dtype.
     trainable_p = jax.tree_util.tree_map(master_copy, trainable_p)
+    placed = None
     if mesh is not None:
-        trainable_p, frozen = shard_tree(trainable_p, mesh), shard_tree(frozen, mesh)
+        placed = param_shardings(trainable_p, mesh, rules)[0]
+        trainable_p = place_tree(trainable_p, placed)
+        frozen = place_tree(frozen, param_shardings(frozen, mesh, rules)[0])
     optimizer, schedule = make_optimizer(tc.lr, tc.steps, tc.warmup_steps, tc.schedule,
                                          tc.weight_decay, tc.b1, tc.b2, clip_norm=tc.clip_norm,
                                          min_lr_ratio=tc.min_lr_ratio)
     opt_state = optimizer.init(trainable_p)
+    if mesh is not None:    # AdamW's moments on their params' shardings, counts replicated
+        placed = (placed, shardings_like(opt_state, trainable_p, placed, mesh))
+        opt_state = place_tree(opt_state, placed[1])
     ckpt = Checkpointer(Path(out_dir) / "checkpoints", tc.keep_checkpoints, tc.async_checkpoints)
     result = TrainResult(params=params, best_params=None)
     start = 0
@@ -129,9 +152,11 @@ def train(params, cfg, train_rows: PackedRows, val_rows: PackedRows | None, tc: 
     result.checkpoint_fallbacks = ckpt.fallbacks
 
     step_fn = make_train_step(cfg, optimizer, materialize, seed=tc.seed,
-                              objective=None if teacher is None else teacher.objective)
+                              objective=None if teacher is None else teacher.objective,
+                              shardings=placed)
     teacher_p = None if teacher is None else (
-        teacher.params if mesh is None else shard_tree(teacher.params, mesh))
+        teacher.params if mesh is None else
+        place_tree(teacher.params, param_shardings(teacher.params, mesh, rules)[0]))
     eval_fn = make_eval_fn(cfg, materialize)
     rows_per_step = tc.batch_size * tc.accum_steps
     tokens_done, t_run = 0.0, None
@@ -144,10 +169,16 @@ def train(params, cfg, train_rows: PackedRows, val_rows: PackedRows | None, tc: 
 
     for step in range(start, tc.steps):
         idx = batch_indices(len(train_rows), rows_per_step, step, tc.seed)
-        batch = {k: v.reshape(tc.accum_steps, tc.batch_size, -1)
-                 for k, v in train_rows.rows(idx).items()}
-        if mesh is not None:
-            batch = shard_batch(batch, mesh)
+        if mesh is None:
+            batch = {k: v.reshape(tc.accum_steps, tc.batch_size, -1)
+                     for k, v in train_rows.rows(idx).items()}
+        else:   # rows [accum, B]: B over data x fsdp; this process reads only its own rows
+            shape = (tc.accum_steps, tc.batch_size)
+            sh = batch_sharding(mesh, shape + (1,), axis=1)
+            idx = idx.reshape(shape)[:, local_rows(sh, shape + (1,), 1)]
+            batch = {k: jax.make_array_from_process_local_data(
+                sh, v.reshape(*idx.shape, -1), shape + (v.shape[-1],))
+                for k, v in train_rows.rows(idx.reshape(-1)).items()}
         if t_run is None and step > start:
             t_run = time.perf_counter()  # throughput excludes the compiling first step
         trainable_p, opt_state, m = step_fn(trainable_p, frozen, opt_state, batch, step,

@@ -27,7 +27,8 @@ def loss_sums(params, batch, cfg, materialize=adapted, rng=None):
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def make_train_step(cfg, optimizer, materialize=adapted, seed: int = 0, objective=None):
+def make_train_step(cfg, optimizer, materialize=adapted, seed: int = 0, objective=None,
+                    shardings=None):
     """step(trainable, frozen, opt_state, batch, step_idx, teacher=None) with batch leaves
     `[accum, B, T]`; the update uses the mean loss over all loss tokens of all micro-batches
     (exact accumulation). A step whose loss or gradient is not finite changes nothing and
@@ -35,7 +36,10 @@ def make_train_step(cfg, optimizer, materialize=adapted, seed: int = 0, objectiv
     `teacher` is the frozen teacher's params and the metrics add the mean `nll` and `kd` terms.
 
     Randomness (adapter dropout) is keyed by `fold_in(fold_in(key(seed), step_idx), micro)`: a
-    pure function of the step, so a resumed run draws the same masks with no RNG state saved."""
+    pure function of the step, so a resumed run draws the same masks with no RNG state saved.
+
+    `shardings`: (trainable's, optimizer state's) NamedShardings on a mesh; the updated state
+    is constrained to them, so it stays where the logical rules put it."""
 
     def micro_grads(trainable, frozen, mb, rng, teacher):
         if objective is None:
@@ -78,7 +82,11 @@ def make_train_step(cfg, optimizer, materialize=adapted, seed: int = 0, objectiv
             lambda a, b: jnp.where(finite, a, b), new, old)
         metrics = {"loss": loss, "grad_norm": gnorm, "tokens": n, "finite": finite,
                    **{k: v / n for k, v in parts.items()}}
-        return keep(new_trainable, trainable), keep(new_opt, opt_state), metrics
+        new_trainable, new_opt = keep(new_trainable, trainable), keep(new_opt, opt_state)
+        if shardings is not None:
+            new_trainable = jax.lax.with_sharding_constraint(new_trainable, shardings[0])
+            new_opt = jax.lax.with_sharding_constraint(new_opt, shardings[1])
+        return new_trainable, new_opt, metrics
 
     return jax.jit(step, donate_argnums=(0, 2))
 
