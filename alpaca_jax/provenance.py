@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 _PACKAGES = ("alpaca_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "gguf",
@@ -42,7 +43,13 @@ def machine() -> dict:
 
 
 def write_json_atomic(path, obj) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a results file."""
+    """Write via a temporary file and rename, so a crash never leaves half a results file.
+    In a multi-process job only process 0 writes (`parallel/cluster.py: is_writer`); the
+    others hold the same values and skip."""
+    if "jax" in sys.modules:
+        from alpaca_jax.parallel.cluster import is_writer
+        if not is_writer():
+            return
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str))

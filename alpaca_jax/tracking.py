@@ -4,6 +4,7 @@
 warning, so a run on a machine without network still logs (sync later with `wandb sync`)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ class LoggerConfig:
 def start_run(lc: LoggerConfig, run_dir, job_type: str, config: dict):
     if lc.mode not in MODES:
         raise ValueError(f"logger.mode={lc.mode!r}; supported: {', '.join(MODES)}")
+    from alpaca_jax.parallel.cluster import is_writer
+    if not is_writer():       # one W&B run per job: process 0's
+        lc = dataclasses.replace(lc, mode="disabled")
     os.environ.setdefault("WANDB_SILENT", "true")
     run_dir = Path(run_dir)
     os.environ.setdefault("WANDB_DIR", str(run_dir))

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from alpaca_jax.model.adapters import adapted
 from alpaca_jax.model.forward import forward
+from alpaca_jax.parallel.cluster import to_host
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,7 @@ class AlpacaJaxLM(TemplateLM):
             for j, i in enumerate(batch):
                 toks[j, :len(inputs[i])] = inputs[i]
                 last[j] = len(inputs[i]) - 1
-            lp, am, lastp = jax.device_get(_score_rows(
+            lp, am, lastp = to_host(_score_rows(
                 self.params, jnp.asarray(toks), jnp.asarray(last), cfg=self.cfg,
                 materialize=self.materialize))
             for j, i in enumerate(batch):

@@ -10,6 +10,7 @@ import numpy as np
 from alpaca_jax.config import ModelConfig
 from alpaca_jax.model.adapters import adapted
 from alpaca_jax.model.forward import forward, make_cache
+from alpaca_jax.parallel.cluster import to_host
 
 _PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this, to bound recompilation
 
@@ -86,7 +87,7 @@ def generate_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tok
                     top_k=int(top_k), top_p=float(top_p), eos_ids=eos_ids, pad_id=int(pad_id),
                     materialize=materialize)
     results = []
-    for row in np.asarray(out).tolist():
+    for row in to_host(out).tolist():   # rows of every process (a gather when multi-process)
         cut = next((n for n, t in enumerate(row) if t in eos_ids), len(row))
         results.append(row[:cut])
     return results

@@ -49,8 +49,9 @@ def initialize(cfg: DistributedCfg) -> bool:
         raise ValueError("distributed: coordinator, num_processes and process_id are given "
                          f"together or not at all (got {explicit})")
     if not jax.distributed.is_initialized():
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+        # (asking for the backend here would start it, which initialize refuses; the setting
+        # only concerns CPU devices)
+        jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
         jax.distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id,
                                    initialization_timeout=cfg.initialization_timeout_s,
                                    heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
@@ -82,3 +83,23 @@ def local_rows(sharding, global_shape: tuple, axis: int) -> slice:
         start, stop = s.start or 0, global_shape[axis] if s.stop is None else s.stop
         lo, hi = min(lo, start), max(hi, stop)
     return slice(lo, hi)
+
+
+def process0_alone(name: str, fn, params):
+    """`fn(params)` on process 0 alone, for host work (writing files, running llama.cpp): in a
+    multi-process job every process first gathers `params` to the host (a collective),
+    process 0 runs `fn` on a mesh of its own devices (so nothing in it waits for the others),
+    and the others wait for it at a barrier named `name`; they get None. One process:
+    `fn(params)`."""
+    if jax.process_count() == 1:
+        return fn(params)
+    from jax.experimental import multihost_utils
+
+    from alpaca_jax.parallel.mesh import MeshCfg, make_mesh
+    host = to_host(params)
+    out = None
+    if is_writer():
+        with jax.set_mesh(make_mesh(MeshCfg(), devices=jax.local_devices())):
+            out = fn(host)
+    multihost_utils.sync_global_devices(name)
+    return out

@@ -124,7 +124,8 @@ def removal_ppl(params, cfg: ModelConfig, calib_ids, keep=None, candidates=None,
 
 def per_layer_abs_sum(x) -> np.ndarray:
     """sum |x| over everything but the leading layer axis, in float64: `[L]`."""
-    return np.abs(np.asarray(x, np.float64)).reshape(x.shape[0], -1).sum(axis=1)
+    from alpaca_jax.parallel.cluster import to_host
+    return np.abs(to_host(x).astype(np.float64)).reshape(x.shape[0], -1).sum(axis=1)
 
 
 def merged(params):

@@ -67,6 +67,8 @@ def run(job: Job, run_dir: Path, resolved: dict) -> dict:
 
 
 def _run(job: Job, run_dir: Path, resolved: dict, mesh) -> dict:
+    import jax
+
     from alpaca_jax import count_params
     from alpaca_jax.data.alpaca import split_records
     from alpaca_jax.eval.suite import prepare
@@ -157,5 +159,6 @@ def _run(job: Job, run_dir: Path, resolved: dict, mesh) -> dict:
     }
     write_json_atomic(run_dir / "results.json", results)
     finish_run(wb, {k: v for k, v in st.metrics.items() if isinstance(v, (int, float))})
-    print(f"wrote {run_dir / 'results.json'} ({results['wall_time_s']:.0f} s)", flush=True)
+    if jax.process_index() == 0:
+        print(f"wrote {run_dir / 'results.json'} ({results['wall_time_s']:.0f} s)", flush=True)
     return results

@@ -220,9 +220,14 @@ def _heal(st: State, tag: str) -> None:
     st.train_result = res
     st.params = res.best_params if res.best_params is not None else res.params
     st.finetune = "full" if pc.method == "none" else pc.method
-    if pc.method != "none":
-        st.adapter_dir = str(save_peft(st.params, st.cfg, st.run_dir / "adapter",
-                                       base_model_name_or_path=job.model.source))
+    if pc.method != "none":   # every process gathers (a collective), process 0 writes
+        from alpaca_jax.parallel.cluster import is_writer, to_host
+
+        host = to_host(st.params) if jax.process_count() > 1 else st.params
+        st.adapter_dir = str(st.run_dir / "adapter")
+        if is_writer():
+            save_peft(host, st.cfg, st.run_dir / "adapter",
+                      base_model_name_or_path=job.model.source)
     heal = {"best_val_loss": res.best_val_loss, "best_step": res.best_step,
             "final_train_loss": res.history[-1]["loss"] if res.history else None,
             "train_tokens_per_s": res.tokens_per_s}
@@ -272,17 +277,24 @@ def lineage(st: State) -> dict:
 @stage("export", lambda job: _asdict(job.export))
 def _export(st: State, tag: str) -> None:
     from alpaca_jax.export.report import export_files
+    from alpaca_jax.parallel.cluster import process0_alone
     from alpaca_jax.peft.lora import merge
 
     e = st.job.export
     quantized_here = st.quant is not None and "quantize" in st.stages
     qtypes = [st.quant["format"].upper()] if quantized_here else [str(q).upper()
                                                                    for q in e.qtypes]
-    saved = st.store.load("export")
-    if saved is None or not all((st.run_dir / x["file"]).is_file() for x in saved.values()):
-        saved = export_files(merge(st.params), st.cfg, st.tok, qtypes, st.run_dir, e,
-                             lineage(st), f"alpaca_jax {st.job.name}")
-        st.store.save("export", saved)
+
+    def work(params):     # host work: process 0 alone in a multi-process job
+        saved = st.store.load("export")
+        if saved is None or not all((st.run_dir / x["file"]).is_file() for x in saved.values()):
+            saved = export_files(params, st.cfg, st.tok, qtypes, st.run_dir, e, lineage(st),
+                                 f"alpaca_jax {st.job.name}")
+            st.store.save("export", saved)
+        return saved
+    saved = process0_alone("export", work, merge(st.params))
+    if saved is None:     # not process 0: it wrote the files and records them
+        return
     st.exports = saved
     for q, x in saved.items():
         st.metrics[f"export/{q}/file_mb"] = x["file_bytes"] / 2**20
@@ -299,17 +311,23 @@ def _export(st: State, tag: str) -> None:
 @stage("benchmark", lambda job: _asdict(job.export))
 def _benchmark(st: State, tag: str) -> None:
     from alpaca_jax.export.report import bench_files, jax_generation_tok_s, wiki_ids
+    from alpaca_jax.parallel.cluster import process0_alone
     from alpaca_jax.peft.lora import merge
 
     e = st.job.export
-    saved = st.store.load("benchmark")
+
+    def work(params):     # timings of process 0's own devices in a multi-process job
+        saved = st.store.load("benchmark")
+        if saved is None:
+            bm = bench_files(st.exports, st.run_dir, e, st.tok) if e.bench else {}
+            if e.jax_bench:
+                bm["jax_fp32/gen_tok_s"] = jax_generation_tok_s(
+                    params, st.cfg, wiki_ids(st.tok, e.prompt_tokens), e.gen_tokens, e.repeats)
+            saved = {"metrics": bm, "exports": st.exports}
+            st.store.save("benchmark", saved)
+        return saved
+    saved = process0_alone("benchmark", work, merge(st.params))
     if saved is None:
-        bm = bench_files(st.exports, st.run_dir, e, st.tok) if e.bench else {}
-        if e.jax_bench:
-            bm["jax_fp32/gen_tok_s"] = jax_generation_tok_s(
-                merge(st.params), st.cfg, wiki_ids(st.tok, e.prompt_tokens), e.gen_tokens,
-                e.repeats)
-        saved = {"metrics": bm, "exports": st.exports}
-        st.store.save("benchmark", saved)
+        return
     st.exports = saved["exports"]
     st.metrics.update({f"bench/{k}": v for k, v in saved["metrics"].items()})

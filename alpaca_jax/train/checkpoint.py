@@ -18,8 +18,12 @@ class CheckpointRestoreError(RuntimeError):
 
 
 def _manager(directory: Path, max_to_keep: int, async_save: bool):
-    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                        enable_async_checkpointing=async_save, create=True)
+    # two managers save the same step (latest/ and best/); in a multi-process job their
+    # barriers are named by step, so each needs its own prefix or the second save collides
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=directory.name))
     return ocp.CheckpointManager(directory.resolve(), options=opts, item_names=("state", "meta"))
 
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alpaca_jax.model.adapters import adapted
+from alpaca_jax.parallel.cluster import to_host
 from alpaca_jax.prune.calibration import check_calibration
 from alpaca_jax.prune.registry import register_criterion
 from alpaca_jax.prune.scores import _stream, batches
@@ -45,8 +46,8 @@ def _last_token_stream(params, tokens, *, cfg, materialize):
 def last_token_streams(params, cfg, calib_ids, *, batch_size: int | None = None,
                        materialize=adapted) -> np.ndarray:
     """x_j for j = 0..L at each row's last token: `[L+1, N, D]` float64."""
-    return np.concatenate([np.asarray(_last_token_stream(params, t, cfg=cfg,
-                                                         materialize=materialize), np.float64)
+    return np.concatenate([to_host(_last_token_stream(params, t, cfg=cfg,
+                                                         materialize=materialize)).astype(np.float64)
                            for t in batches(calib_ids, batch_size)], axis=1)
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alpaca_jax.parallel.cluster import to_host
 from alpaca_jax.prune.registry import register_criterion
 from alpaca_jax.prune.scores import _stream, batches
 
@@ -25,6 +26,6 @@ def _cosine_sums(params, tokens, *, cfg, materialize):
 @register_criterion("bi", needs_calibration=True,
                     summary="1 - cos(block input, block output), mean over tokens")
 def bi_scores(params, cfg, ids, *, batch_size, seed, materialize) -> np.ndarray:
-    sums = sum(np.asarray(_cosine_sums(params, t, cfg=cfg, materialize=materialize), np.float64)
+    sums = sum(to_host(_cosine_sums(params, t, cfg=cfg, materialize=materialize)).astype(np.float64)
                for t in batches(ids, batch_size))
     return 1.0 - sums / ids.size
