@@ -232,3 +232,26 @@ def test_the_slurm_launcher_config_composes():
     proc = _pipeline("hydra/launcher=slurm", "--cfg", "hydra", timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in proc.stdout
+
+
+def test_the_multinode_slurm_launcher_asks_for_one_task_per_node_with_all_its_gpus(tmp_path):
+    """The generated sbatch script (submitit's own, from the composed launcher settings, as
+    hydra-submitit passes them) for 2 nodes: 2 tasks, one per node, each with its node's GPUs."""
+    import yaml
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    proc = _pipeline("hydra/launcher=slurm_multinode", "hydra.launcher.nodes=2",
+                     "hydra.launcher.gpus_per_node=4", "--cfg", "hydra", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    launcher = yaml.safe_load(proc.stdout)["hydra"]["launcher"]
+    assert launcher["nodes"] == 2 and launcher["tasks_per_node"] == 1
+    # what SlurmExecutor renders (it refuses to start where there is no srun)
+    script = _make_sbatch_string(
+        "python -m app", tmp_path, nodes=launcher["nodes"],
+        ntasks_per_node=launcher["tasks_per_node"], gpus_per_node=launcher["gpus_per_node"],
+        cpus_per_task=launcher["cpus_per_task"], mem=f"{launcher['mem_gb']}GB",
+        time=launcher["timeout_min"])
+    assert "#SBATCH --nodes=2" in script
+    assert "#SBATCH --ntasks-per-node=1" in script
+    assert "#SBATCH --gpus-per-node=4" in script
+    assert "srun" in script          # every task runs the job: 2 processes, one cluster

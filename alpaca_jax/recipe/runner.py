@@ -62,8 +62,21 @@ def run(job: Job, run_dir: Path, resolved: dict) -> dict:
     if jax.process_index() == 0:
         print(f"[mesh] {dict(mesh.shape)} over {jax.device_count()} devices, "
               f"{jax.process_count()} process(es)", flush=True)
-    with jax.set_mesh(mesh):
-        return _run(job, run_dir, resolved, mesh)
+    try:
+        with jax.set_mesh(mesh):
+            return _run(job, run_dir, resolved, mesh)
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        raise PeerLostError(
+            f"process {jax.process_index()} of {jax.process_count()}: a cross-process "
+            f"operation failed, most likely because another process of this job died "
+            f"({str(e)[:300]}). Completed work is kept in {run_dir} (stages/, checkpoints/): "
+            "start every process again to resume.") from e
+
+
+class PeerLostError(RuntimeError):
+    """A multi-process job lost a peer (a collective or barrier failed)."""
 
 
 def _run(job: Job, run_dir: Path, resolved: dict, mesh) -> dict:
