@@ -202,3 +202,37 @@ def test_harness_requests_equal_one_device(tiny_lm, shape):
     assert [g for _, g in got.loglikelihood(ll)] == [g for _, g in ref.loglikelihood(ll)]
     _close(got.loglikelihood_rolling(rolling), ref.loglikelihood_rolling(rolling))
     assert got.generate_until(gen) == ref.generate_until(gen)
+
+
+def test_a_checkpoint_loads_straight_onto_its_shardings(tiny_lm, tmp_path):
+    """`load_model(..., sharding=leaf_sharding(mesh))`: every tensor placed by the rules as it
+    is read, equal to the one-device load."""
+    from alpaca_jax import load_gguf
+    from alpaca_jax.export import to_gguf
+    from alpaca_jax.parallel.logical import leaf_sharding
+    params, cfg, tok = tiny_lm
+    path = to_gguf(params, cfg, tok, tmp_path / "m.gguf", "F32")
+    mesh = make_mesh(MeshCfg(2, 2, 2))
+    got, _, _ = load_gguf(path, sharding=leaf_sharding(mesh))
+    want, _ = param_shardings(got, mesh)
+    for (path_, a), b, sh in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                                 jax.tree_util.tree_leaves(params),
+                                 jax.tree_util.tree_leaves(want)):
+        assert a.sharding.is_equivalent_to(sh, a.ndim), jax.tree_util.keystr(path_)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert _on(got["layers"]["w_up"], P(None, "fsdp", "tensor"), mesh)
+
+
+def test_the_forward_splits_its_batch_over_data_and_fsdp(params):
+    """Callers pass plain numpy batches; under a mesh the forward itself makes them data
+    parallel (and leaves a batch that does not divide alone)."""
+    from alpaca_jax import forward
+    mesh = make_mesh(MeshCfg(2, 4, 1))
+    placed = _placed(params, mesh)
+    f = jax.jit(lambda p, t: forward(p, t, CFG)[0])
+    with jax.set_mesh(mesh):
+        split_ = f(placed, np.ones((8, 5), np.int32))
+        whole = f(placed, np.ones((3, 5), np.int32))
+    assert _on(split_, P(("data", "fsdp"), None, None), mesh)
+    assert split_.addressable_shards[0].data.shape[0] == 1
+    assert whole.addressable_shards[0].data.shape[0] == 3

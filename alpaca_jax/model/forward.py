@@ -43,6 +43,7 @@ def block(h, lp, cos, sin, kv_BxSxGxK, write_at, mask: Mask, cfg, materialize, r
     """One pre-norm decoder block. With a cache, the new k/v are written at `write_at` first.
     `rng`: this block's PRNG key for stochastic transforms, or None (deterministic)."""
     B, T, _ = h.shape
+    h = constrain_batch(h)    # the residual stream stays split by rows under a mesh
     x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
     q = linear(x, lp, "wq", materialize, rng).reshape(B, T, cfg.num_heads, cfg.head_dim)
     k = linear(x, lp, "wk", materialize, rng).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
@@ -76,7 +77,10 @@ def causal_inputs(B: int, T: int, positions=None, segment_ids=None):
 
 def embed_tokens(params, tokens_BxT, cfg: ModelConfig,
                  materialize: Materialize = adapted) -> jax.Array:
-    """The residual stream entering block 0: embedding rows in the compute dtype."""
+    """The residual stream entering block 0: embedding rows in the compute dtype. Under a mesh
+    the rows split over data x fsdp (`parallel/logical.py`), so every stage's forward, and the
+    block scorers that start here, are data parallel."""
+    tokens_BxT = constrain_batch(tokens_BxT)
     embed = materialize.weight(params, "embed")
     return jnp.take(embed, tokens_BxT, axis=0).astype(cfg.compute_dtype)
 
@@ -94,7 +98,7 @@ def logits_of(params, h, cfg: ModelConfig, materialize: Materialize = adapted) -
         logits = materialize.tied_head(h, params)
     else:
         logits = materialize.linear(h, params, "lm_head")
-    return logits.astype(jnp.float32)
+    return constrain_batch(logits.astype(jnp.float32))
 
 
 def forward(params: dict, tokens_BxT: jax.Array, cfg: ModelConfig, *, positions=None,
@@ -116,7 +120,6 @@ def forward(params: dict, tokens_BxT: jax.Array, cfg: ModelConfig, *, positions=
         (evaluation, generation) is deterministic.
     """
     check_transform(materialize)
-    tokens_BxT = constrain_batch(tokens_BxT)   # data parallel under a mesh (parallel/logical.py)
     B, T = tokens_BxT.shape
     L = cfg.num_layers
     h = embed_tokens(params, tokens_BxT, cfg, materialize)
