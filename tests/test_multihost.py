@@ -85,9 +85,11 @@ def _files(run: Path) -> set:
 def _compare(run, ref):
     a, b = (json.loads((r / "results.json").read_text()) for r in (ref, run))
     assert b["facets"] == a["facets"]
+    worst = 0.0
     for k, v in a["metrics"].items():
         if isinstance(v, float) and "time" not in k and not k.endswith("_per_s"):
             assert b["metrics"][k] == pytest.approx(v, rel=1e-5), k
+            worst = max(worst, abs(b["metrics"][k] - v) / max(abs(v), 1e-30))
     np.testing.assert_allclose([h["loss"] for h in b["history"]],
                                [h["loss"] for h in a["history"]], rtol=1e-5)
     from safetensors.numpy import load_file
@@ -95,6 +97,10 @@ def _compare(run, ref):
     assert sorted(wa) == sorted(wb)
     for k in wa:
         np.testing.assert_allclose(wb[k], wa[k], rtol=1e-5, atol=1e-5 * np.abs(wa[k]).max())
+    worst_w = max(float(np.abs(wb[k] - wa[k]).max() / np.abs(wa[k]).max()) for k in wa)
+    print(f"{run.parent.name}: {len(a['metrics'])} metrics, worst rel {worst:.1e}; losses "
+          f"{[round(h['loss'], 6) for h in b['history']]}; {len(wa)} adapter tensors, worst "
+          f"max|diff|/max|w| {worst_w:.1e}")
     return b
 
 
