@@ -8,9 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def replay(run_dir):
+def replay(run_dir, sharding=None):
     """The `State` of a finished run's final model: params (adapters added, not merged),
-    cfg, tokenizer, its transform, and its lineage (prune, quant, finetune, adapter_dir)."""
+    cfg, tokenizer, its transform, and its lineage (prune, quant, finetune, adapter_dir).
+    `sharding`: where the base model's tensors go as they are read (`io/layout.py`), so the
+    replayed stages run where the caller's mesh is."""
     from alpaca_jax.io.registry import load_model
     from alpaca_jax.io.run_model import run_recipe
     from alpaca_jax.model.adapters import adapted
@@ -18,7 +20,7 @@ def replay(run_dir):
 
     run_dir = Path(run_dir)
     recipe = run_recipe(run_dir)
-    params, cfg, tok = load_model(recipe["base"])
+    params, cfg, tok = load_model(recipe["base"], sharding=sharding)
     st = State(job=None, run_dir=run_dir, stages=[], params=params, cfg=cfg, tok=tok,
                transform=adapted)
     st.base, st.order = recipe["base"], list(recipe.get("order") or ["prune", "heal", "quantize"])
@@ -29,7 +31,7 @@ def replay(run_dir):
     return st, recipe
 
 
-def load_run_model(run_dir):
+def load_run_model(run_dir, sharding=None):
     """`(params, cfg, tokenizer, recipe)` of a finished run's final model."""
-    st, recipe = replay(run_dir)
+    st, recipe = replay(run_dir, sharding)
     return st.params, st.cfg, st.tok, recipe

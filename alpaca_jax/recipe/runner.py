@@ -37,8 +37,9 @@ def load(job: Job, mesh=None):
     if job.run_dir is not None:
         from alpaca_jax.recipe.replay import replay
 
-        st, _ = replay(job.run_dir)
-        if mesh is not None:
+        st, _ = replay(job.run_dir,
+                       None if mesh is None else leaf_sharding(mesh, job.mesh.rules))
+        if mesh is not None:     # the adapters it added too
             st.params = place_tree(st.params, param_shardings(st.params, mesh,
                                                               job.mesh.rules)[0])
         return st.params, st.cfg, st.tok, st
@@ -86,6 +87,7 @@ def _run(job: Job, run_dir: Path, resolved: dict, mesh) -> dict:
     from alpaca_jax.data.alpaca import split_records
     from alpaca_jax.eval.suite import prepare
     from alpaca_jax.model.adapters import adapted
+    from alpaca_jax.parallel.logical import leaf_sharding
     from alpaca_jax.peft.lora import merge
     from alpaca_jax.provenance import git_sha, machine, versions, write_json_atomic
     from alpaca_jax.recipe.checks import check_settings
@@ -121,7 +123,8 @@ def _run(job: Job, run_dir: Path, resolved: dict, mesh) -> dict:
         quantizer(job.quant, cfg)     # a tensor the format cannot take fails here
     distilling = "heal" in stages and dc.objective != "sft"
     if distilling and teacher_stage(dc.teacher) is None:   # a model loaded now, checked now
-        t_params, t_cfg, t_tok = load_teacher(dc.teacher)
+        t_params, t_cfg, t_tok = load_teacher(
+            dc.teacher, None if mesh is None else leaf_sharding(mesh, job.mesh.rules))
         check_teacher(dc.teacher, t_cfg, t_tok, cfg, tok)
         st.teachers[dc.teacher] = (t_params, t_cfg)
     elif distilling:                  # a stage's model, kept when that stage ends

@@ -97,19 +97,20 @@ def teacher_stage(spec: str) -> str | None:
     return spec[len("stage:"):] if spec.startswith("stage:") else None
 
 
-def load_teacher(spec: str):
+def load_teacher(spec: str, sharding=None):
     """`(params, cfg, tokenizer)` of a teacher given as a model source: a finished run's
-    directory (its final model, rebuilt from its recipe) or anything `load_model` takes."""
+    directory (its final model, rebuilt from its recipe) or anything `load_model` takes;
+    placed with `sharding` as it is read (`io/layout.py`)."""
     from pathlib import Path
 
     from alpaca_jax.io.registry import load_model
     from alpaca_jax.recipe.replay import load_run_model
 
     if (Path(spec).expanduser() / "results.json").is_file():
-        params, cfg, tok, _ = load_run_model(Path(spec).expanduser())
+        params, cfg, tok, _ = load_run_model(Path(spec).expanduser(), sharding)
         return params, cfg, tok
     try:
-        return load_model(spec)
+        return load_model(spec, sharding=sharding)
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"distill.teacher={spec!r} cannot be loaded: {e}") from e
 
