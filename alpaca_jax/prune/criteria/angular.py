@@ -46,9 +46,9 @@ def _last_token_stream(params, tokens, *, cfg, materialize):
 def last_token_streams(params, cfg, calib_ids, *, batch_size: int | None = None,
                        materialize=adapted) -> np.ndarray:
     """x_j for j = 0..L at each row's last token: `[L+1, N, D]` float64."""
-    return np.concatenate([to_host(_last_token_stream(params, t, cfg=cfg,
-                                                         materialize=materialize)).astype(np.float64)
-                           for t in batches(calib_ids, batch_size)], axis=1)
+    streams = [to_host(_last_token_stream(params, t, cfg=cfg, materialize=materialize))
+               for t in batches(calib_ids, batch_size)]
+    return np.concatenate(streams, axis=1).astype(np.float64)
 
 
 def distances_from_streams(streams: np.ndarray, n: int) -> np.ndarray:
