@@ -36,8 +36,8 @@ def _args(gguf, run_dir):
             "eval.max_tokens=256", "eval.ctx_len=64", "eval.tasks=[offline_copa]",
             "eval.task_limit=8", "eval.instruction_samples=2", "eval.prompts=[hi]",
             "eval.max_new_tokens=4", "peft.rank=4", "prune.calib=wiki", "prune.calib_len=32",
-            "prune.calib_samples=4", "prune.ratio=null", "prune.n_blocks=1", "stages=[baseline,prune,heal,evaluate]",
-            "mesh.data=4", f"hydra.run.dir={run_dir}"]
+            "prune.calib_samples=4", "prune.ratio=null", "prune.n_blocks=1",
+            "stages=[baseline,prune,heal,evaluate]", "mesh.data=4", f"hydra.run.dir={run_dir}"]
 
 
 def _free_port() -> int:

@@ -99,18 +99,23 @@ def _fit(spec: P, shape: tuple, mesh: Mesh) -> tuple[P, list]:
     return P(*out), dropped
 
 
+def _spec(names: list[str], shape: tuple, mesh: Mesh, rules_t: tuple) -> tuple[P, list]:
+    """The leaf's PartitionSpec under the rules, fitted to its shape (`_fit`)."""
+    import flax.linen as nn   # here, not at import: the model core does not need Flax
+
+    spec = nn.logical_to_mesh_axes(logical_axes(names, len(shape)), rules_t)
+    return _fit(spec, tuple(shape), mesh)
+
+
 def param_shardings(params, mesh: Mesh, rules: dict | None = None):
     """`(shardings, dropped)`: a NamedSharding per leaf by the logical rules, and
     `{path: [(dim size, mesh axes)]}` where a mesh axis was dropped for not dividing."""
-    import flax.linen as nn   # here, not at import: the model core does not need Flax
-
     rules_t = _rules(rules)
     dropped = {}
 
     def one(path, leaf):
         names = _path_names(path)
-        spec = nn.logical_to_mesh_axes(logical_axes(names, np.ndim(leaf)), rules_t)
-        spec, lost = _fit(spec, np.shape(leaf), mesh)
+        spec, lost = _spec(names, np.shape(leaf), mesh, rules_t)
         if lost:
             dropped["/".join(names)] = lost
         return NamedSharding(mesh, spec)
@@ -120,14 +125,10 @@ def param_shardings(params, mesh: Mesh, rules: dict | None = None):
 def leaf_sharding(mesh: Mesh, rules: dict | None = None):
     """`(path, shape) -> NamedSharding` for the loaders (`io/layout.py: sharding_for`), paths
     as `"layers/wq"`: each tensor goes straight onto its place on the mesh."""
-    import flax.linen as nn
-
     rules_t = _rules(rules)
 
     def one(path: str, shape: tuple) -> NamedSharding:
-        names = path.split("/")
-        spec = nn.logical_to_mesh_axes(logical_axes(names, len(shape)), rules_t)
-        return NamedSharding(mesh, _fit(spec, tuple(shape), mesh)[0])
+        return NamedSharding(mesh, _spec(path.split("/"), shape, mesh, rules_t)[0])
     return one
 
 

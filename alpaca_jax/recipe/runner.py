@@ -56,11 +56,11 @@ def run(job: Job, run_dir: Path, resolved: dict) -> dict:
     import jax
 
     from alpaca_jax.parallel import make_mesh
-    from alpaca_jax.parallel.cluster import initialize
+    from alpaca_jax.parallel.cluster import initialize, is_writer
 
     initialize(job.distributed)
     mesh = make_mesh(job.mesh)
-    if jax.process_index() == 0:
+    if is_writer():
         print(f"[mesh] {dict(mesh.shape)} over {jax.device_count()} devices, "
               f"{jax.process_count()} process(es)", flush=True)
     try:
@@ -81,12 +81,11 @@ class PeerLostError(RuntimeError):
 
 
 def _run(job: Job, run_dir: Path, resolved: dict, mesh) -> dict:
-    import jax
-
     from alpaca_jax import count_params
     from alpaca_jax.data.alpaca import split_records
     from alpaca_jax.eval.suite import prepare
     from alpaca_jax.model.adapters import adapted
+    from alpaca_jax.parallel.cluster import is_writer
     from alpaca_jax.parallel.logical import leaf_sharding
     from alpaca_jax.peft.lora import merge
     from alpaca_jax.provenance import git_sha, machine, versions, write_json_atomic
@@ -175,6 +174,6 @@ def _run(job: Job, run_dir: Path, resolved: dict, mesh) -> dict:
     }
     write_json_atomic(run_dir / "results.json", results)
     finish_run(wb, {k: v for k, v in st.metrics.items() if isinstance(v, (int, float))})
-    if jax.process_index() == 0:
+    if is_writer():
         print(f"wrote {run_dir / 'results.json'} ({results['wall_time_s']:.0f} s)", flush=True)
     return results

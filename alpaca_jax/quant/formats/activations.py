@@ -12,18 +12,23 @@ from alpaca_jax.quant.formats.numerics import div_const
 QK8 = 32   # Q8_0/Q8_1 activation blocks
 
 
+def _q8_blocks(x):
+    """`(codes, d)` of llama.cpp's SIMD Q8_0/Q8_1 quantizer: blocks `[..., n, 32]` of x along
+    its last axis, codes `round(x * (127 / amax))` (half to even, as _mm256_round_ps / vcvtnq)
+    and the float32 scale `d = amax / 127` `[..., n, 1]`."""
+    xb = to_blocks(x.astype(jnp.float32), -1, QK8)
+    amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
+    inv = jnp.where(amax == 0, jnp.float32(0), jnp.float32(127) / jnp.where(amax == 0, 1, amax))
+    return jnp.round(xb * inv), div_const(amax, 127)
+
+
 def q8_activations(x):
     """llama.cpp's CPU path quantizes the activations entering a Q8_0/Q4_0/Q4_1 matmul to 8-bit
     blocks of 32 along the contracted (last) axis. Its SIMD quantizer (x86 AVX, ARM NEON) uses
     `id = 127 / amax` and rounds half to even, unlike the reference weight quantizer; this
     follows the SIMD path. Straight-through gradient."""
     def qdq(x):
-        xb = to_blocks(x.astype(jnp.float32), -1, QK8)
-        amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
-        d = div_const(amax, 127)
-        inv = jnp.where(amax == 0, jnp.float32(0),
-                        jnp.float32(127) / jnp.where(amax == 0, 1, amax))
-        q = jnp.round(xb * inv)  # round half to even, as _mm256_round_ps / vcvtnq
+        q, d = _q8_blocks(x)
         deq = q * d.astype(jnp.float16).astype(jnp.float32)
         return from_blocks(deq, -1, x.ndim).astype(x.dtype)
     return ste(qdq)(x)
@@ -36,11 +41,8 @@ def q8_1_sum_error(x):
     `quantize_row_q8_1`), where `q8_activations(x) @ w` gives `m * fp16(d) * sum(q)`. Returns
     `s - fp16(d) * sum(q)`, `[..., n_blocks]` float32, no gradient (the straight-through
     estimator of `q8_activations` already carries it)."""
-    xb = to_blocks(jax.lax.stop_gradient(x).astype(jnp.float32), -1, QK8)
-    amax = jnp.max(jnp.abs(xb), axis=-1)
-    d = div_const(amax, 127)
-    inv = jnp.where(amax == 0, jnp.float32(0), jnp.float32(127) / jnp.where(amax == 0, 1, amax))
-    qsum = jnp.sum(jnp.round(xb * inv[..., None]), axis=-1)   # integers: the sum is exact
+    q, d = _q8_blocks(jax.lax.stop_gradient(x))
+    qsum, d = jnp.sum(q, axis=-1), d[..., 0]    # integers: the sum is exact
     s = (d * qsum).astype(jnp.float16).astype(jnp.float32)
     return s - d.astype(jnp.float16).astype(jnp.float32) * qsum
 
