@@ -93,3 +93,35 @@ def test_q8_k_activations_are_ggml_s_q8_k_rows():
     for name in ("q4_k", "q5_k", "q6_k"):
         got = np.asarray(jax.jit(lambda x: fake_quant_activations(x, name))(x))
         assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), name
+
+
+def test_qat_searches_once_per_weight_per_step_and_passes_the_gradient_straight(monkeypatch):
+    """The K-quants' search runs on the host, so QAT's rematerialised matmul keeps its codes for
+    the backward instead of searching again (it did: 45 searches a step here, now 23); the
+    gradient is the straight-through one: the PTQ model's gradient at the rounded weights."""
+    from alpaca_jax import forward, init_params
+    from alpaca_jax.config import ModelConfig
+    from alpaca_jax.quant import FakeQuant, QuantSpec, ptq, resolve
+    from alpaca_jax.quant.formats import kquants
+
+    calls = []
+    for cls in (kquants._Q45K, kquants.Q6_K):
+        monkeypatch.setattr(cls, "_host", lambda self, x, f=cls._host: calls.append(1) or f(self, x))
+    cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=3,
+                      num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=64)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    spec = QuantSpec("q4_k_m")
+    plan = resolve(spec, cfg)
+    ids = np.arange(1, 17)[None] % cfg.vocab_size
+    def loss(p, **tr):
+        return forward(p, ids, cfg, **tr)[0].astype(jnp.float32).std()
+    qat = jax.jit(jax.grad(lambda p: loss(p, materialize=FakeQuant.from_spec(spec, cfg))))
+    jax.block_until_ready(qat(params))                  # compile (and run) once
+    calls.clear()
+    g = qat(params)
+    n_weights = sum(cfg.num_layers if k.startswith("layers/") else 1 for k in plan)
+    assert len(calls) == n_weights == 23
+    ref = jax.grad(loss)(ptq(params, spec, cfg))
+    for k in ("wq", "wv", "w_down"):
+        np.testing.assert_allclose(np.asarray(g["layers"][k]), np.asarray(ref["layers"][k]),
+                                   rtol=0, atol=1e-4 * float(np.abs(ref["layers"][k]).max()))

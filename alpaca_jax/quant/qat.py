@@ -17,7 +17,11 @@ from alpaca_jax.model.params import LAYER_INDEX, WeightName
 from alpaca_jax.model.transform import Transform, matmul
 from alpaca_jax.peft.lora import merge
 from alpaca_jax.quant.formats import Quantized, fake_quant, get_format, quantize
+from alpaca_jax.quant.formats.ops import QUANT_CODES
 from alpaca_jax.quant.spec import QuantSpec, block_axis, resolve
+
+
+_KEEP_CODES = jax.checkpoint_policies.save_only_these_names(QUANT_CODES)
 
 
 @dataclass(frozen=True)
@@ -75,9 +79,11 @@ class FakeQuant(Transform):
             return self.inner.linear(x, tree, name, rng=rng)
         # Rematerialised: the backward recomputes Q(W_eff) from the stored weight and adapters
         # instead of keeping one fake-quantized copy (and the quantizer's intermediates) per
-        # layer alive from the forward; that made QAT + LoRA temporaries 3-4x LoRA's.
+        # layer alive from the forward; that made QAT + LoRA temporaries 3-4x LoRA's. A costly
+        # quantizer's codes (the K-quants' host search) are the exception: kept, at a byte per
+        # weight, so the search runs once per step and layer, not again in the backward.
         return jax.checkpoint(self._quantized_linear, static_argnums=(2,),
-                              policy=jax.checkpoint_policies.nothing_saveable)(x, tree, name)
+                              policy=_KEEP_CODES)(x, tree, name)
 
     def _quantized_linear(self, x, tree, name):
         fmt = self._fmt(tree, name)

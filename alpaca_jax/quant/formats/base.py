@@ -52,6 +52,9 @@ class Format(abc.ABC):
     ggml_type: gguf.GGMLQuantizationType | None = None
     type_size: int | None = None         # bytes per block in a GGUF
     file_type: gguf.LlamaFileType | None = None   # `general.file_type` of a file of this type
+    # True: quantizing is expensive (a host-side search), no value is clipped (`in_range` is
+    # None), and QAT keeps the codes for the backward instead of quantizing again
+    costly_quantizer: bool = False
 
     @property
     def ggml(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from alpaca_jax.quant.formats.activations import q8_activations
 from alpaca_jax.quant.formats.base import Format, Quantized, get_format
@@ -45,12 +46,34 @@ def _qdq(x, fmt: Format, axis: int):
             None if ok is None else from_blocks(ok, axis, x.ndim))
 
 
+# The name of a costly quantizer's codes and scales (`Format.costly_quantizer`): QAT's
+# rematerialised matmul saves values of this name for the backward instead of re-running the
+# quantizer there (`quant/qat.py`).
+QUANT_CODES = "quant_codes"
+
+
+@jax.custom_vjp
+def _straight_through(x, y):
+    """`y` (the quantized `x`), with the gradient passed to `x` unchanged."""
+    return y
+
+
+_straight_through.defvjp(lambda x, y: (y, None),
+                         lambda _, g: (g, jnp.zeros_like(g)))
+
+
 def fake_quant(x, fmt: str | Format, axis: int = 0):
     """Quantize and dequantize `x` (blocks along `axis`), with a straight-through estimator:
     the gradient passes unchanged where `x` is inside the format's range, zero where it was
     clipped (`Format.in_range`). For GGML types the value equals
     `gguf.quants.dequantize(gguf.quants.quantize(x.T, T), T).T` bit for bit (axis 0)."""
     fmt = get_format(fmt)
+    if fmt.costly_quantizer:
+        # codes and scales named, outside any custom_vjp, so a remat policy can keep them:
+        # the backward then re-runs only the (cheap) dequantizer
+        xb = to_blocks(jax.lax.stop_gradient(x), axis, fmt.block)
+        q = jax.tree.map(lambda a: checkpoint_name(a, QUANT_CODES), quantize_blocks(xb, fmt))
+        return _straight_through(x, from_blocks(fmt.dequantize(q), axis, x.ndim).astype(x.dtype))
 
     @jax.custom_vjp
     def fq(x):
