@@ -3,6 +3,11 @@ on this CPU, beside the JAX fp32 model. Prints figures; asserts nothing.
 
     python benchmarks/bench_edge.py [--repeats 5] [--pruned-run RUN_DIR] [--out DIR]
 
+QAT rows: the models are the final models of QAT runs (`--base-run`, `--pruned-run`), exported
+to the format they trained on (`--qtypes`), with the "KL vs float" column measured against the
+float models of the PTQ table (`--base-float`, `--pruned-float`), not against the QAT runs' own
+float weights.
+
 Per model and file: size; peak RSS of a process that loads and runs it; prompt and generation
 tokens/s at 1 and 2 threads (medians of --repeats after a warm-up; 128-token prompt, 64 greedy
 tokens); the memory-bandwidth bound (measured copy bandwidth / bytes a decode step reads) and
@@ -31,6 +36,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--pruned-run", default=None, help="a prune run dir (its healed model)")
+    ap.add_argument("--base-run", default=None,
+                    help="a run dir whose final model stands in for --model (a QAT run)")
+    ap.add_argument("--base-float", default=None,
+                    help="the float model of the unpruned rows' KL (default: the model itself)")
+    ap.add_argument("--pruned-float", default=None,
+                    help="the float model of the pruned rows' KL (default: the model itself)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None, help="keep the GGUFs and results.json here")
     ap.add_argument("--qtypes", default="F16,Q8_0,Q4_0",
@@ -52,15 +63,18 @@ def main():
 
     m = machine()
     print(f"commit={git_sha()} machine={m}")
-    jobs = {"SmolLM2-135M-Instruct": ExportJob(model=ModelSourceCfg(args.model)),
+    jobs = {"SmolLM2-135M-Instruct": (
+                ExportJob(run_dir=args.base_run) if args.base_run else
+                ExportJob(model=ModelSourceCfg(args.model))),
             "20%-pruned (24 blocks)": (
                 ExportJob(run_dir=args.pruned_run) if args.pruned_run else
                 ExportJob(model=ModelSourceCfg(args.model), drop_blocks=PPL_20PCT))}
     out_root = Path(args.out or tempfile.mkdtemp(prefix="bench_edge_"))
     results = {}
+    floats = {"SmolLM2-135M-Instruct": args.base_float, "20%-pruned (24 blocks)": args.pruned_float}
     for name, job in jobs.items():
         job.export = ExportCfg(repeats=args.repeats, qtypes=args.qtypes.split(","),
-                               parity_tokens=args.parity_tokens)
+                               parity_tokens=args.parity_tokens, float_reference=floats[name])
         d = out_root / name.split()[0].replace("%", "pct")
         d.mkdir(parents=True, exist_ok=True)
         print(f"\n## {name}", flush=True)

@@ -59,7 +59,9 @@ def test_a_qat_run_is_exported_on_its_trained_grid_and_benchmarked(tiny_gguf, tm
     assert not np.array_equal(np.asarray(params["layers"]["wq"]), np.asarray(base["layers"]["wq"]))
 
     out = tmp_path / "export"
-    proc = _run("export.py", f"run_dir={run}", "export=q4_0", *SMALL, f"hydra.run.dir={out}")
+    # the "KL vs float" column against the model before QAT, not the run's own float weights
+    proc = _run("export.py", f"run_dir={run}", "export=q4_0", *SMALL, f"hydra.run.dir={out}",
+                f"export.float_reference={tiny_gguf}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| Q4_0 |" in proc.stdout                       # the table is printed
     res = json.loads((out / "results.json").read_text())
@@ -73,6 +75,15 @@ def test_a_qat_run_is_exported_on_its_trained_grid_and_benchmarked(tiny_gguf, tm
                                       to_ggml_bytes(codes["layers/w_down"])[i])
     # tiny model: llama.cpp's quantized path is reproduced to float rounding
     assert e["parity"]["kl_mean"] < 1e-6 and e["parity"]["argmax_agreement"] == 1.0
+    from alpaca_jax.export.report import wiki_ids
+    from alpaca_jax.export.runtime import kl_stats
+    ids = wiki_ids(tok, 32)
+    before = np.asarray(forward(base, np.array([ids]), cfg)[0][0])
+    theirs = llama_logits(out / "model-q4_0.gguf", ids)
+    assert e["parity"]["float_reference"] == str(tiny_gguf)
+    np.testing.assert_allclose(e["parity"]["kl_float"], kl_stats(theirs, before)["kl_mean"],
+                               rtol=1e-3)
+    assert e["parity"]["kl_float"] > 100 * e["parity"]["kl_mean"]   # not the file's own model
     assert all(a["identical"] for a in e["greedy"]) and len(e["greedy"]) == 2
     (b,) = e["bench"]
     assert b["threads"] == 1 and b["prompt_tok_s"] > 0 and b["gen_tok_s"] > 0
@@ -112,6 +123,8 @@ def test_a_pruned_lora_run_is_rebuilt_and_exported(tiny_gguf, tmp_path):
     (["export.threads=[0]"], "export.threads must be"),
     (["run_dir=/nonexistent/run"], "results.json: no such file"),
     (["drop_blocks=[99]", "export=files"], "block indices [99] are outside [0, 3)"),
+    (["export.float_reference=/nonexistent/model"],
+     "export.float_reference='/nonexistent/model' cannot be loaded"),
 ])
 def test_bad_export_settings_fail_clearly(tiny_gguf, tmp_path, args, message):
     proc = _run("export.py", f"model.source={tiny_gguf}", f"hydra.run.dir={tmp_path}", *args,

@@ -72,10 +72,12 @@ def wiki_ids(tok, n: int) -> list[int]:
     return ids[:n]
 
 
-def export_files(params, cfg, tok, qtypes, out_dir: Path, e, recipe: dict, name: str):
+def export_files(params, cfg, tok, qtypes, out_dir: Path, e, recipe: dict, name: str,
+                 float_model=None):
     """Write one GGUF per qtype into `out_dir` and check each against the JAX model (KL over
     `e.parity_tokens` wiki tokens, greedy answers to `e.prompts`). Returns {qtype: entry};
-    `params` must be merged."""
+    `params` must be merged. `float_model`: `(params, cfg)` of the model the "KL vs float"
+    figure compares to (`e.float_reference`), default `params` unquantized."""
     import numpy as np
 
     from alpaca_jax import forward, generate_ids
@@ -90,7 +92,8 @@ def export_files(params, cfg, tok, qtypes, out_dir: Path, e, recipe: dict, name:
     exports = {}
     float_logits = None   # the unquantized JAX model: what each file's rounding costs
     if parity_ids:
-        float_logits = np.asarray(forward(params, np.array([parity_ids]), cfg)[0][0])
+        f_params, f_cfg = float_model or (params, cfg)
+        float_logits = np.asarray(forward(f_params, np.array([parity_ids]), f_cfg)[0][0])
     for qtype in qtypes:
         path = to_gguf(params, cfg, tok, out_dir / f"model-{qtype.lower()}.gguf", qtype,
                        name=name)
@@ -105,7 +108,8 @@ def export_files(params, cfg, tok, qtypes, out_dir: Path, e, recipe: dict, name:
                                "reference": "float" if ref is None else "fake-quant, activations",
                                "ppl_llama_cpp": perplexity_of_logits(theirs, parity_ids),
                                "ppl_jax": perplexity_of_logits(ours, parity_ids),
-                               "kl_float": kl_stats(theirs, float_logits)["kl_mean"]}
+                               "kl_float": kl_stats(theirs, float_logits)["kl_mean"],
+                               "float_reference": e.float_reference or "this model, float"}
         if chats:
             jax_out = generate_ids(ref_params, cfg, chats, e.max_new_tokens, eos_ids=eos, **kw)
             answers = []

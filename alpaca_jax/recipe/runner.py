@@ -92,7 +92,7 @@ def _run(job: Job, run_dir: Path, resolved: dict, mesh) -> dict:
     from alpaca_jax.recipe.checks import check_settings
     from alpaca_jax.recipe.data import load_instruction_records, pack_instruction_data
     from alpaca_jax.recipe.quantizing import quantizer
-    from alpaca_jax.recipe.stages import STAGES, State, eval_tags, lineage
+    from alpaca_jax.recipe.stages import STAGES, State, float_reference, eval_tags, lineage
     from alpaca_jax.recipe.store import StageStore
     from alpaca_jax.tracking import finish_run, start_run
     from alpaca_jax.train.distill import check_teacher, load_teacher, teacher_stage
@@ -128,6 +128,8 @@ def _run(job: Job, run_dir: Path, resolved: dict, mesh) -> dict:
         st.teachers[dc.teacher] = (t_params, t_cfg)
     elif distilling:                  # a stage's model, kept when that stage ends
         st.teachers[dc.teacher] = (params, cfg)
+    if "export" in stages:            # a bad float reference fails now, not after training
+        float_reference(st)          # (loaded again by the export stage, not held meanwhile)
     if needs_data:
         train_rows, val_rows, st.data["stats"] = pack_instruction_data(d, tok, train_rec,
                                                                         val_rec)

@@ -117,6 +117,10 @@ class ExportCfg:
     llama.cpp (the CPU int8 runtime)."""
     qtypes: list[str] = field(default_factory=lambda: ["F16", "Q8_0", "Q4_0"])
     parity_tokens: int = 256         # wiki tokens for logits parity (KL) vs JAX; 0 skips it
+    # the float model of the "KL vs float" figure (a run dir or a model source); None: the
+    # exported model's own unquantized weights. Name it for a QAT run, whose float weights
+    # trained toward the grid and are no longer the model the file stands in for.
+    float_reference: str | None = None
     prompts: list[str] = field(default_factory=lambda: [
         "What is the capital of France?", "Give three tips for staying healthy.",
         "Translate 'good morning' into Spanish.", "What is 12 times 7?",

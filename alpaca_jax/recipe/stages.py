@@ -274,6 +274,23 @@ def lineage(st: State) -> dict:
             "quant": st.quant}
 
 
+def float_reference(st: State):
+    """`(params, cfg)` of `export.float_reference`, checked to share the model's vocabulary.
+    On the host (numpy), like the params `process0_alone` hands the export: placed by the mesh
+    the export runs under, which in a multi-process job is process 0's own."""
+    import jax
+    import numpy as np
+
+    from alpaca_jax.train.distill import check_teacher, load_teacher
+
+    ref = st.job.export.float_reference
+    if not ref or not st.job.export.parity_tokens:
+        return None
+    params, cfg, tok = load_teacher(ref, setting="export.float_reference")
+    check_teacher(ref, cfg, tok, st.cfg, st.tok, setting="export.float_reference")
+    return jax.tree.map(np.asarray, params), cfg
+
+
 @stage("export", lambda job: _asdict(job.export))
 def _export(st: State, tag: str) -> None:
     from alpaca_jax.export.report import export_files
@@ -289,7 +306,7 @@ def _export(st: State, tag: str) -> None:
         saved = st.store.load("export")
         if saved is None or not all((st.run_dir / x["file"]).is_file() for x in saved.values()):
             saved = export_files(params, st.cfg, st.tok, qtypes, st.run_dir, e, lineage(st),
-                                 f"alpaca_jax {st.job.name}")
+                                 f"alpaca_jax {st.job.name}", float_reference(st))
             st.store.save("export", saved)
         return saved
     saved = process0_alone("export", work, merge(st.params))

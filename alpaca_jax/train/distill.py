@@ -97,10 +97,11 @@ def teacher_stage(spec: str) -> str | None:
     return spec[len("stage:"):] if spec.startswith("stage:") else None
 
 
-def load_teacher(spec: str, sharding=None):
+def load_teacher(spec: str, sharding=None, setting: str = "distill.teacher"):
     """`(params, cfg, tokenizer)` of a teacher given as a model source: a finished run's
     directory (its final model, rebuilt from its recipe) or anything `load_model` takes;
-    placed with `sharding` as it is read (`io/layout.py`)."""
+    placed with `sharding` as it is read (`io/layout.py`). `setting` names the option in
+    errors (export's `float_reference` loads its reference model the same way)."""
     from pathlib import Path
 
     from alpaca_jax.io.registry import load_model
@@ -112,23 +113,24 @@ def load_teacher(spec: str, sharding=None):
     try:
         return load_model(spec, sharding=sharding)
     except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"distill.teacher={spec!r} cannot be loaded: {e}") from e
+        raise ValueError(f"{setting}={spec!r} cannot be loaded: {e}") from e
 
 
-def check_teacher(name: str, tcfg: ModelConfig, ttok, cfg: ModelConfig, tok) -> None:
+def check_teacher(name: str, tcfg: ModelConfig, ttok, cfg: ModelConfig, tok,
+                  setting: str = "distill.teacher") -> None:
     """KD compares two distributions over one vocabulary: the teacher's logits must have the
     student's width and its token ids must mean the same strings."""
     if tcfg.vocab_size != cfg.vocab_size:
-        raise ValueError(f"distill.teacher={name}: its vocabulary has {tcfg.vocab_size} tokens, "
-                         f"the student's {cfg.vocab_size}; distillation needs one vocabulary")
+        raise ValueError(f"{setting}={name}: its vocabulary has {tcfg.vocab_size} tokens, "
+                         f"the student's {cfg.vocab_size}; the comparison needs one vocabulary")
     if ttok is None or tok is None:
         return
     a, b = list(ttok.pieces), list(tok.pieces)
     if a != b:
         diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        raise ValueError(f"distill.teacher={name}: its tokenizer differs from the student's "
+        raise ValueError(f"{setting}={name}: its tokenizer differs from the student's "
                          f"(token id {diff}: {a[diff] if diff < len(a) else None!r} vs "
-                         f"{b[diff] if diff < len(b) else None!r}); distillation needs one "
+                         f"{b[diff] if diff < len(b) else None!r}); the comparison needs one "
                          f"tokenizer")
 
 
