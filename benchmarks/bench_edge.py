@@ -3,6 +3,12 @@ on this CPU, beside the JAX fp32 model. Prints figures; asserts nothing.
 
     python benchmarks/bench_edge.py [--repeats 5] [--pruned-run RUN_DIR] [--out DIR]
 
+    python benchmarks/bench_edge.py --merge OUT_DIR [OUT_DIR ...] [--plot PNG]
+
+`--merge` runs nothing: it reads earlier `--out` directories and prints one compact table per
+model (the edge table of RESULTS.md) with every file in them, a QAT-trained file labelled
+"QAT", and draws the plot over all of them.
+
 QAT rows: the models are the final models of QAT runs (`--base-run`, `--pruned-run`), exported
 to the format they trained on (`--qtypes`), with the "KL vs float" column measured against the
 float models of the PTQ table (`--base-float`, `--pruned-float`), not against the QAT runs' own
@@ -50,7 +56,11 @@ def main():
     ap.add_argument("--parity-tokens", type=int, default=256,
                     help="wiki tokens for the KL and perplexity of each file")
     ap.add_argument("--plot", default=None, help="write the size / perplexity / speed plot here")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="OUT_DIR",
+                    help="run nothing: tabulate and plot earlier --out directories together")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.plot)
 
     from alpaca_jax.export.report import table
     from alpaca_jax.provenance import git_sha, machine
@@ -92,6 +102,53 @@ def main():
         edge_pareto(results, args.plot)
         print(f"plot: {args.plot}")
     print(f"\nfiles and results.json under {out_root}")
+
+
+def merge(dirs, plot=None) -> dict:
+    """{model: results with the exports of every directory} (keys "Q4_0", "Q4_0 QAT", ...),
+    printed as compact tables; the plot over all of them with `plot`."""
+    import json
+
+    merged = {}
+    for d in dirs:
+        for sub in sorted(Path(d).iterdir()):
+            f = sub / "results.json"
+            if not f.is_file():
+                continue
+            res = json.loads(f.read_text())
+            into = merged.setdefault(sub.name, {**res, "exports": {}, "from": []})
+            into["from"].append(f"{f} (commit {res.get('git_sha', '?')[:7]})")
+            for q, e in res.get("exports", {}).items():
+                into["exports"][f"{q} QAT" if e.get("qat_grid") else q] = e
+    for name, res in merged.items():
+        print(f"\n## {name}: {res['metrics']['params'] / 1e6:.1f}M parameters; from "
+              + ", ".join(res["from"]) + "\n")
+        print(compact_table(res))
+    if plot:
+        from analysis.plots import edge_pareto
+        edge_pareto(merged, plot)
+        print(f"plot: {plot}")
+    return merged
+
+
+def compact_table(res: dict) -> str:
+    """One row per file: size, llama.cpp wiki perplexity, KL to the float model, generation
+    tokens/s at 1 and 2 threads, prompt tokens/s at 2 threads, peak RSS, KL to the JAX model
+    the file should reproduce."""
+    rows = ["| file | MiB | wiki ppl | KL vs float | gen tok/s 1t | gen tok/s 2t | "
+            "prompt tok/s 2t | peak RSS MiB | KL vs JAX |", "|---|" + "---:|" * 8]
+    for q, e in sorted(res["exports"].items(), key=lambda kv: -kv[1]["file_bytes"]):
+        p, b = e.get("parity") or {}, {x["threads"]: x for x in e.get("bench") or []}
+        cell = lambda t, k, f: f.format(b[t][k]) if t in b else "-"  # noqa: E731
+        rows.append(
+            f"| {q} | {e['file_bytes'] / 2**20:.1f} | "
+            + (f"{p['ppl_llama_cpp']:.2f} | {p['kl_float']:.1e} | " if "kl_float" in p
+               else "- | - | ")
+            + f"{cell(1, 'gen_tok_s', '{:.1f}')} | {cell(2, 'gen_tok_s', '{:.1f}')} | "
+            f"{cell(2, 'prompt_tok_s', '{:.0f}')} | "
+            f"{max((x['peak_rss_mb'] for x in b.values()), default=0):.0f} | "
+            + (f"{p['kl_mean']:.1e} |" if p else "- |"))
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -125,3 +125,36 @@ def test_qat_searches_once_per_weight_per_step_and_passes_the_gradient_straight(
     for k in ("wq", "wv", "w_down"):
         np.testing.assert_allclose(np.asarray(g["layers"][k]), np.asarray(ref["layers"][k]),
                                    rtol=0, atol=1e-4 * float(np.abs(ref["layers"][k]).max()))
+
+
+def test_a_fixed_k_quant_model_is_rounded_once_for_evaluation(monkeypatch):
+    """Evaluation (the pipeline's evaluate stage, the harness, validation in training) of a
+    K-quant model rounds the weights once (`fixed`: adapters merged, each weight on its grid)
+    and then runs no search per forward; the logits are the per-forward quantizer's. A model
+    without a K-quant tensor is left as it is."""
+    from alpaca_jax import forward, init_params
+    from alpaca_jax.config import ModelConfig
+    from alpaca_jax.peft import add_lora
+    from alpaca_jax.quant import FakeQuant, QuantSpec
+    from alpaca_jax.quant.formats import kquants
+    from alpaca_jax.quant.qat import fixed
+
+    cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=3,
+                      num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=64)
+    params = add_lora(init_params(cfg, jax.random.PRNGKey(0)), cfg, jax.random.PRNGKey(1),
+                      rank=4, alpha=8.0)
+    params["layers"]["lora"] = jax.tree.map(lambda x: x + 0.01, params["layers"]["lora"])
+    tr = FakeQuant.from_spec(QuantSpec("q4_k_m"), cfg)
+    ids = np.arange(1, 17)[None] % cfg.vocab_size
+    ref = np.asarray(forward(params, ids, cfg, materialize=tr)[0])
+    p, tr2 = fixed(params, tr)
+    assert tr2.weights is False and "lora" not in p["layers"]
+    calls = []
+    for cls in (kquants._Q45K, kquants.Q6_K):
+        monkeypatch.setattr(cls, "_host", lambda self, x, f=cls._host: calls.append(1) or f(self, x))
+    got = np.asarray(forward(p, ids, cfg, materialize=tr2)[0])
+    assert calls == []
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    q8 = FakeQuant.from_spec(QuantSpec("q8_0"), cfg)       # no K-quant, not even the head
+    p8, t8 = fixed(params, q8)
+    assert p8 is params and t8 is q8

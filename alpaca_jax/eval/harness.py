@@ -155,6 +155,9 @@ class AlpacaJaxLM(TemplateLM):
             raise ValueError("alpaca_jax model: params= needs cfg= and tokenizer= too")
         if compute_dtype:
             cfg = cfg.replace(compute_dtype=str(compute_dtype))
+        from alpaca_jax.quant.qat import fixed
+
+        params, materialize = fixed(params, materialize)   # a K-quant model rounded once
         self._device = _device(device)
         if self._device is not None:
             params = jax.device_put(params, self._device)

@@ -6,6 +6,7 @@ trained adapter and quantizing gives exactly the weights the QAT forward used.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -132,9 +133,39 @@ def _quantized_leaves(params: dict, spec: QuantSpec, cfg):
 def ptq(params: dict, spec: QuantSpec, cfg: ModelConfig | None = None) -> dict:
     """Round-to-nearest post-training quantization: adapters merged, every quantized weight
     replaced by its dequantized value (the float model llama.cpp runs, up to activations)."""
-    params = merge(params)
+    return _rounded(merge(params), resolve(spec, _shape_cfg(params, cfg)))
+
+
+def fixed(params: dict, materialize):
+    """`(params, materialize)` of the same model for evaluation: where `materialize` quantizes
+    the weights with a costly quantizer (the K-quants' host search), the weights rounded once
+    (adapters merged, as `ptq`) under `fixed_transform(materialize)`, so the search does not
+    run again at every forward; otherwise unchanged (re-quantizing Q8_0/Q4_0 per forward costs
+    little, and a rounded copy would hold a second set of weights). Bit for bit the weights
+    the transform would form (`ptq`'s, `tests/test_file_types.py`)."""
+    tr = fixed_transform(materialize)
+    if tr is materialize:
+        return params, materialize
+    return _rounded(merge(params), dict(materialize.formats)), tr
+
+
+def fixed_transform(materialize):
+    """The transform `fixed` evaluates with: `materialize` without its weight quantizer (the
+    activation rounding kept) where that quantizer is costly, else `materialize` itself."""
+    if isinstance(materialize, FakeQuant) and materialize.weights and \
+            materialize.inner is adapted and any(
+                get_format(f).costly_quantizer for _, fmt in materialize.formats
+                for f in ((fmt,) if isinstance(fmt, str) else fmt)):
+        return dataclasses.replace(materialize, weights=False)
+    return materialize
+
+
+def _rounded(params: dict, formats: dict) -> dict:
+    """`params` with each weight of `formats` ({key: format, or a format per layer}) replaced
+    by its quantized value."""
     out = params
-    for key, w, fmt in _quantized_leaves(params, spec, cfg):
+    for key, fmt in formats.items():
+        w = WeightName.parse(key).get(params)
         if isinstance(fmt, str):
             deq = _fake_quant(w, fmt, block_axis(key))
         else:                                   # one format per layer

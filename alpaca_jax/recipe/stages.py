@@ -99,16 +99,19 @@ def _asdict(x):
 
 def _evaluate(st: State, tag: str) -> None:
     from alpaca_jax.eval.suite import evaluate_suite
+    from alpaca_jax.quant.qat import fixed
     from alpaca_jax.train.step import make_eval_fn
 
-    key = (st.transform, st.cfg)
-    if key not in st.eval_fns:
-        st.eval_fns[key] = make_eval_fn(st.cfg, st.transform)
     saved = st.store.load(tag)
     if saved is None:
-        m, s = evaluate_suite(st.params, st.cfg, st.tok, st.job.eval, st.prep,
-                              materialize=st.transform, eval_fn=st.eval_fns[key],
+        params, transform = fixed(st.params, st.transform)   # a K-quant model rounded once
+        key = (transform, st.cfg)
+        if key not in st.eval_fns:
+            st.eval_fns[key] = make_eval_fn(st.cfg, transform)
+        m, s = evaluate_suite(params, st.cfg, st.tok, st.job.eval, st.prep,
+                              materialize=transform, eval_fn=st.eval_fns[key],
                               batch_size=st.job.train.eval_batch_size)
+        del params
         saved = {"metrics": m, "samples": s, "harness": st.prep.harness}
         st.store.save(tag, saved)
     st.harness.update(saved.get("harness") or {})   # lm-eval version, task versions, n-shot

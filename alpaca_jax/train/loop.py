@@ -16,6 +16,7 @@ from alpaca_jax.data.batching import PackedRows, batch_indices
 from alpaca_jax.model.adapters import adapted
 from alpaca_jax.train.checkpoint import Checkpointer
 from alpaca_jax.train.optim import make_optimizer
+from alpaca_jax.quant.qat import fixed, fixed_transform
 from alpaca_jax.train.split import combine, split, train_all
 from alpaca_jax.train.step import make_eval_fn, make_train_step
 
@@ -157,7 +158,8 @@ def _train(params, cfg, train_rows, val_rows, tc, out_dir, trainable, materializ
     teacher_p = None if teacher is None else (
         teacher.params if mesh is None else
         place_tree(teacher.params, param_shardings(teacher.params, mesh, rules)[0]))
-    eval_fn = make_eval_fn(cfg, materialize)
+    # a K-quant grid is rounded once per evaluation, not at every batch (`quant.qat.fixed`)
+    eval_fn = make_eval_fn(cfg, fixed_transform(materialize))
     rows_per_step = tc.batch_size * tc.accum_steps
     tokens_done, t_run = 0.0, None
 
@@ -199,8 +201,8 @@ def _train(params, cfg, train_rows, val_rows, tc, out_dir, trainable, materializ
         log(entry)
         last = step + 1 == tc.steps
         if val_rows is not None and ((step + 1) % tc.eval_every == 0 or last):
-            val = evaluate_loss(combine(trainable_p, frozen), val_rows, eval_fn,
-                                tc.eval_batch_size)
+            val = evaluate_loss(fixed(combine(trainable_p, frozen), materialize)[0], val_rows,
+                                eval_fn, tc.eval_batch_size)
             result.val_history.append({"step": step + 1, "val_loss": val})
             log({"step": step + 1, "val_loss": val})
             if val < result.best_val_loss:
