@@ -65,9 +65,27 @@ def row_of(res: dict, path: Path) -> dict:
     return row
 
 
-def collect(roots, stages=("pipeline", "prune", "finetune")) -> list[dict]:
+def baseline_row(res: dict, path: Path) -> dict | None:
+    """The row of the unchanged model a run evaluated first (its `baseline/` metrics), as a
+    run of its own: no prune, heal or quantization; None when the run has no baseline
+    evaluation or nothing after it (then its own row is the baseline)."""
+    m = res["metrics"]
+    base = {k[len("baseline/"):]: v for k, v in m.items() if k.startswith("baseline/")}
+    if not base or not any(k.startswith(("final/", "after/")) for k in m):
+        return None
+    row = row_of({**res, "metrics": {}}, path)
+    row.update(criterion="none", pruned_blocks=0, prune_ratio=0.0, heal="none",
+               objective="none", quant="none", **base)
+    if "params_base" in m:
+        row["params"] = m["params_base"]
+    return row
+
+
+def collect(roots, stages=("pipeline", "prune", "finetune"),
+            baseline_rows: bool = False) -> list[dict]:
     """Rows of every results.json under `roots` (files or folders, searched recursively) whose
-    stage is in `stages`; a malformed file raises, naming it."""
+    stage is in `stages`; a malformed file raises, naming it. `baseline_rows`: a run that
+    evaluated the unchanged model before changing it gives that evaluation a row too."""
     rows = []
     for root in roots:
         root = Path(root)
@@ -77,6 +95,8 @@ def collect(roots, stages=("pipeline", "prune", "finetune")) -> list[dict]:
         for path in paths:
             res = _read(path)
             if res["stage"] in stages:
+                base = baseline_row(res, path) if baseline_rows else None
+                rows += [base] if base is not None else []
                 rows.append(row_of(res, path))
     return rows
 

@@ -78,6 +78,8 @@ def main(argv=None):
     ap.add_argument("--plots", default=None, help="folder for the PNG plots")
     ap.add_argument("--note", default="", help="text placed under the table")
     ap.add_argument("--wandb", default=None, help="also collect an ENTITY/PROJECT from W&B")
+    ap.add_argument("--baseline-rows", action="store_true",
+                    help="a run's baseline evaluation (the unchanged model) as a row of its own")
     args = ap.parse_args(argv)
     if not args.roots and not args.wandb:
         ap.error("give run folders or --wandb")
@@ -87,7 +89,7 @@ def main(argv=None):
         ap.error(f"--by {bad}: not a facet; facets are {', '.join(FACETS)}")
     metrics = [m for m in args.metrics.split(",") if m]
 
-    rows = collect(args.roots) if args.roots else []
+    rows = collect(args.roots, baseline_rows=args.baseline_rows) if args.roots else []
     if args.wandb:
         rows += collect_wandb(args.wandb)
     if not rows:

@@ -182,6 +182,22 @@ def test_bad_stage_orders_and_sweeps_fail_before_any_work(tiny_gguf, tmp_path, a
     assert not (tmp_path / "results.json").exists() and not list(tmp_path.rglob("*.gguf"))
 
 
+def test_a_run_s_baseline_evaluation_can_be_a_row_of_its_own(tmp_path):
+    """`analysis.report --baseline-rows`: a run that evaluated the unchanged model first (stage
+    baseline) gives it a row with no prune, heal or quantization and the model's own size."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "results.json").write_text(json.dumps({
+        "stage": "pipeline", "facets": {"criterion": "ppl", "pruned_blocks": 6, "heal": "none",
+                                        "quant": "none", "objective": "none", "seed": 0},
+        "metrics": {"baseline/ppl_wiki": 19.6, "final/ppl_wiki": 49.6, "params": 113.3e6,
+                    "params_base": 134.5e6}}))
+    assert [r["ppl_wiki"] for r in collect([tmp_path])] == [49.6]
+    base, pruned = collect([tmp_path], baseline_rows=True)
+    assert (base["criterion"], base["pruned_blocks"], base["ppl_wiki"], base["params"]) == \
+        ("none", 0, 19.6, 134.5e6)
+    assert (pruned["criterion"], pruned["ppl_wiki"], pruned["params"]) == ("ppl", 49.6, 113.3e6)
+
+
 def test_malformed_results_are_named(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "results.json").write_text('{"stage": "pipeline", "metrics": ')
