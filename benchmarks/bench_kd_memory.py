@@ -1,6 +1,8 @@
-"""Memory of the distillation loss, whole sequence vs chunked: XLA's compiled memory analysis of
-one micro-batch's gradient (teacher forward included) at SmolLM2's vocabulary. Prints figures;
-asserts nothing (tests/test_distill.py checks that both paths give the same loss and gradient).
+"""Memory of the loss, whole sequence vs chunked: XLA's compiled memory analysis of one
+micro-batch's gradient at SmolLM2's vocabulary, for the next-token loss (`train.loss_chunk`)
+and the distillation loss (`distill.chunk`, teacher forward included). Prints figures; asserts
+nothing (tests/test_train.py and tests/test_distill.py check that both paths give the same loss
+and gradient).
 
     python benchmarks/bench_kd_memory.py [--batch 8] [--seq-len 256] [--chunks 0,64]
 
@@ -32,6 +34,7 @@ def main() -> None:
 
     from alpaca_jax import ModelConfig, init_params
     from alpaca_jax.train.distill import Objective, distill_sums, teacher_outputs
+    from alpaca_jax.train.step import loss_sums
 
     V, B, T = args.vocab, args.batch, args.seq_len
     cfg = ModelConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -42,6 +45,11 @@ def main() -> None:
              "positions": jnp.broadcast_to(jnp.arange(T), (B, T))}
     print(f"V={V} B={B} T={T}: one [B, T, V] float32 tensor is {B * T * V * 4 / 2**20:.0f} MiB")
     for chunk in (int(c) for c in args.chunks.split(",")):
+        mem = jax.jit(jax.grad(lambda p, chunk=chunk: loss_sums(p, batch, cfg, chunk=chunk)[0])
+                      ).lower(params).compile().memory_analysis()
+        print(f"next-token loss, train.loss_chunk={chunk}: "
+              f"{mem.temp_size_in_bytes / 2**20:.0f} MiB of temporaries")
+    for chunk in (int(c) for c in args.chunks.split(",")):
         obj = Objective("kd", 1.0, 0.0, chunk, cfg)
 
         def grads(s, t, obj=obj):
@@ -49,7 +57,8 @@ def main() -> None:
             return jax.grad(lambda s: distill_sums(s, t, out, batch, cfg, obj)[0])(s)
 
         mem = jax.jit(grads).lower(params, params).compile().memory_analysis()
-        print(f"chunk={chunk}: {mem.temp_size_in_bytes / 2**20:.0f} MiB of temporaries")
+        print(f"distillation, distill.chunk={chunk}: "
+              f"{mem.temp_size_in_bytes / 2**20:.0f} MiB of temporaries")
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def test_qat_searches_once_per_weight_per_step_and_passes_the_gradient_straight(
 
     calls = []
     for cls in (kquants._Q45K, kquants.Q6_K):
-        monkeypatch.setattr(cls, "_host", lambda self, x, f=cls._host: calls.append(1) or f(self, x))
+        monkeypatch.setattr(cls, "_host",
+                            lambda self, x, f=cls._host: calls.append(1) or f(self, x))
     cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=3,
                       num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=64)
     params = init_params(cfg, jax.random.PRNGKey(0))
@@ -151,7 +152,8 @@ def test_a_fixed_k_quant_model_is_rounded_once_for_evaluation(monkeypatch):
     assert tr2.weights is False and "lora" not in p["layers"]
     calls = []
     for cls in (kquants._Q45K, kquants.Q6_K):
-        monkeypatch.setattr(cls, "_host", lambda self, x, f=cls._host: calls.append(1) or f(self, x))
+        monkeypatch.setattr(cls, "_host",
+                            lambda self, x, f=cls._host: calls.append(1) or f(self, x))
     got = np.asarray(forward(p, ids, cfg, materialize=tr2)[0])
     assert calls == []
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())

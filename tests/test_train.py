@@ -91,6 +91,68 @@ def test_packed_loss_equals_separate_examples():
     assert float(n) == sum(float(x[1]) for x in sep) == 7 + 5  # every response token is a target
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_loss_equals_the_whole_sequence_loss_and_gradient(tie):
+    """`loss_chunk`: the head and log-softmax a few positions at a time (a chunk size that does
+    not divide the 23 target positions, packed rows, LoRA adapters with dropout) give the
+    whole-sequence NLL sum and gradient."""
+    from alpaca_jax.peft import add_lora, is_adapter
+
+    cfg = CFG.replace(tie_embeddings=tie)
+    params = add_lora(init_params(cfg, jax.random.PRNGKey(0)), cfg, jax.random.PRNGKey(1),
+                      rank=2, alpha=4.0, dropout=0.1)
+    params["layers"]["lora"] = jax.tree.map(lambda x: x + 0.05, params["layers"]["lora"])
+    ids = [np.arange(2, 14, dtype=np.int32), np.arange(20, 31, dtype=np.int32)]
+    masks = [np.r_[np.zeros(3), np.ones(9)].astype(np.float32),
+             np.r_[np.zeros(2), np.ones(9)].astype(np.float32)]
+    batch = pack(ids, masks, 24).rows(np.arange(1))
+    t, f = split(params, is_adapter)
+    rng = jax.random.PRNGKey(7)
+
+    def total(t, chunk):
+        return loss_sums(combine(t, f), batch, cfg, rng=rng, chunk=chunk)
+
+    s0, n0 = total(t, 0)
+    g0 = jax.grad(lambda t: total(t, 0)[0])(t)
+    for chunk in (5, 23, 64):
+        s, n = total(t, chunk)
+        assert float(n) == float(n0) == 18
+        np.testing.assert_allclose(float(s), float(s0), rtol=1e-6)
+        g = jax.grad(lambda t: total(t, chunk)[0])(t)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                       atol=1e-6 * float(np.abs(np.asarray(b)).max()))
+
+
+def test_a_checkpoint_from_before_a_new_train_setting_resumes(tmp_path):
+    """A train setting added since a checkpoint was written counts at its default, so a run
+    written before `loss_chunk` existed resumes instead of being refused as different."""
+    import json
+
+    rows = _rows()
+    tc = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=0, save_every=1,
+                     eval_every=100, async_checkpoints=False)
+    train(_params(), CFG, rows, None, tc, tmp_path)
+    metas = [m for m in (tmp_path / "checkpoints").rglob("*")
+             if m.is_file() and "meta" in str(m)]
+    edited = 0
+    for m in metas:
+        try:
+            d = json.loads(m.read_text())
+        except (UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(d, dict) and "train_config" in d:
+            d["train_config"].pop("loss_chunk")
+            m.write_text(json.dumps(d))
+            edited += 1
+    assert edited, [str(m) for m in metas]
+    res = train(_params(), CFG, rows, None, tc, tmp_path)
+    assert res.resumed_from == 2
+    with pytest.raises(ValueError, match="different train config"):
+        train(_params(), CFG, rows, None, TrainConfig(**{**tc.__dict__, "loss_chunk": 8}),
+              tmp_path)
+
+
 def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
     params = _params()
     rows = _rows()

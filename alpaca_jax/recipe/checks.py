@@ -142,6 +142,9 @@ def check_stages(job: Job) -> list[str]:
               f"settings unused: {', '.join(unused)}", flush=True)
     if "heal" in pos and job.train.steps < 1:
         raise ValueError("stage heal needs train.steps >= 1")
+    if job.train.loss_chunk < 0:
+        raise ValueError(f"train.loss_chunk must be >= 0 (0: the whole sequence at once), got "
+                         f"{job.train.loss_chunk}")
     if "heal" in pos and job.distill.objective != "sft" and \
             job.distill.teacher == "stage:prune" and pos.get("prune", len(stages)) > pos["heal"]:
         raise ValueError(f"distill.teacher=stage:prune: stages={stages} has no prune stage "

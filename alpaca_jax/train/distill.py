@@ -43,6 +43,7 @@ objectives compare on one scale.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import jax
@@ -200,6 +201,15 @@ def _head(params, hn, cfg: ModelConfig, materialize: Transform):
     return out.astype(jnp.float32)
 
 
+def seq_chunks(x, size: int):
+    """`[B, P, ...]` -> `[n, B, size, ...]` along the sequence, zero-padded at the end (padded
+    positions must carry loss mask 0)."""
+    B, P = x.shape[:2]
+    n = -(-P // size)
+    x = jnp.pad(x, [(0, 0), (0, n * size - P)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(B, n, size, *x.shape[2:]), 1, 0)
+
+
 def token_losses(s_logits, t_logits, targets, tau: float):
     """(nll, kd) per position `[..]` from float32 logits `[.., V]`: the next-token NLL and
     tau^2 * KL(teacher || student) at temperature tau."""
@@ -247,14 +257,7 @@ def distill_sums(params, teacher_params, t_out, batch, cfg, obj: Objective,
         return s, n, {"nll": s_nll, "kd": s_kd}
     h_s, _ = forward(params, tokens, cfg, positions=batch["positions"], segment_ids=seg,
                      materialize=_HeadOff(materialize), rng=rng)
-    B, T = tokens.shape
-    C, P = obj.chunk, T - 1
-    nc = -(-P // C)
-
-    def chunks(x):   # [B, P, ...] -> [nc, B, C, ...], zero-padded (padding has mask 0)
-        x = jnp.pad(x, [(0, 0), (0, nc * C - P)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(B, nc, C, *x.shape[2:]), 1, 0)
-
+    chunks = functools.partial(seq_chunks, size=obj.chunk)
     tcfg, tmat = obj.teacher_cfg, obj.teacher_materialize
 
     @jax.checkpoint   # the backward recomputes a chunk's logits instead of keeping them all

@@ -41,6 +41,9 @@ class TrainConfig:
     save_every: int = 20
     keep_checkpoints: int = 2
     async_checkpoints: bool = True
+    # positions per chunk of the next-token loss (0: the whole sequence): the float32 logits
+    # then exist one [B, C, V] slice at a time (train/step.py: loss_sums)
+    loss_chunk: int = 0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -131,7 +134,9 @@ def _train(params, cfg, train_rows, val_rows, tc, out_dir, trainable, materializ
     start = 0
 
     def check_same_run(meta):
-        if meta.get("train_config") != dataclasses.asdict(tc):
+        # a setting added since the checkpoint was written counts at its default
+        written = {**dataclasses.asdict(TrainConfig()), **(meta.get("train_config") or {})}
+        if written != dataclasses.asdict(tc):
             raise ValueError(f"checkpoint {ckpt.directory} was written by a different train "
                              f"config: {meta.get('train_config')} != {dataclasses.asdict(tc)}")
         if meta.get("fingerprint") != fingerprint:
@@ -154,7 +159,7 @@ def _train(params, cfg, train_rows, val_rows, tc, out_dir, trainable, materializ
 
     step_fn = make_train_step(cfg, optimizer, materialize, seed=tc.seed,
                               objective=None if teacher is None else teacher.objective,
-                              shardings=placed)
+                              shardings=placed, loss_chunk=tc.loss_chunk)
     teacher_p = None if teacher is None else (
         teacher.params if mesh is None else
         place_tree(teacher.params, param_shardings(teacher.params, mesh, rules)[0]))

@@ -8,27 +8,47 @@ import optax
 
 from alpaca_jax.model.adapters import adapted
 from alpaca_jax.model.forward import forward, next_token_nll
-from alpaca_jax.train.distill import distill_sums, teacher_outputs
+from alpaca_jax.train.distill import _head, _HeadOff, distill_sums, seq_chunks, teacher_outputs
 from alpaca_jax.train.split import combine
 
 
-def loss_sums(params, batch, cfg, materialize=adapted, rng=None):
+def loss_sums(params, batch, cfg, materialize=adapted, rng=None, chunk: int = 0):
     """(sum of NLL over loss tokens, number of loss tokens). Token t+1 is a target only when it
     is in the loss mask and in the same packed example as token t. `rng` turns on adapter
     dropout (training). A batch without `segment_ids` holds one example per row (causal
-    attention alone, no segment mask)."""
+    attention alone, no segment mask).
+
+    `chunk=C`: the head and the log-softmax run C positions at a time under a rematerialised
+    scan, so the float32 logits `[B, T, V]` (and their gradient) never exist whole, only
+    `[B, C, V]`; the backward recomputes each chunk's logits. For large vocabularies and long
+    rows (a 128k vocabulary at 8 x 2,048 tokens is 8.6 GB of float32 logits); the same sums up
+    to float rounding (`tests/test_train.py`)."""
     tokens, seg = batch["tokens"], batch.get("segment_ids")
-    logits, _ = forward(params, tokens, cfg, positions=batch["positions"], segment_ids=seg,
-                        materialize=materialize, rng=rng)
-    nll = next_token_nll(logits, tokens)
     mask = batch["loss_mask"][:, 1:]
     if seg is not None:
         mask = mask * (seg[:, 1:] == seg[:, :-1])
-    return jnp.sum(nll * mask), jnp.sum(mask)
+    if not chunk:
+        logits, _ = forward(params, tokens, cfg, positions=batch["positions"], segment_ids=seg,
+                            materialize=materialize, rng=rng)
+        nll = next_token_nll(logits, tokens)
+        return jnp.sum(nll * mask), jnp.sum(mask)
+    h, _ = forward(params, tokens, cfg, positions=batch["positions"], segment_ids=seg,
+                   materialize=_HeadOff(materialize), rng=rng)
+
+    @jax.checkpoint   # the backward recomputes a chunk's logits instead of keeping them all
+    def body(acc, xs):
+        hs, tgt, m = xs
+        logp = jax.nn.log_softmax(_head(params, hs, cfg, materialize), axis=-1)
+        return acc - jnp.sum(jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0] * m), None
+
+    s, _ = jax.lax.scan(body, jnp.float32(0), (seq_chunks(h[:, :-1], chunk),
+                                               seq_chunks(tokens[:, 1:], chunk),
+                                               seq_chunks(mask, chunk)))
+    return s, jnp.sum(mask)
 
 
 def make_train_step(cfg, optimizer, materialize=adapted, seed: int = 0, objective=None,
-                    shardings=None):
+                    shardings=None, loss_chunk: int = 0):
     """step(trainable, frozen, opt_state, batch, step_idx, teacher=None) with batch leaves
     `[accum, B, T]`; the update uses the mean loss over all loss tokens of all micro-batches
     (exact accumulation). A step whose loss or gradient is not finite changes nothing and
@@ -39,12 +59,15 @@ def make_train_step(cfg, optimizer, materialize=adapted, seed: int = 0, objectiv
     pure function of the step, so a resumed run draws the same masks with no RNG state saved.
 
     `shardings`: (trainable's, optimizer state's) NamedShardings on a mesh; the updated state
-    is constrained to them, so it stays where the logical rules put it."""
+    is constrained to them, so it stays where the logical rules put it. `loss_chunk`: the
+    next-token loss C positions at a time (`loss_sums`); a distillation objective has its own
+    `chunk`."""
 
     def micro_grads(trainable, frozen, mb, rng, teacher):
         if objective is None:
             def f(t):
-                s, n = loss_sums(combine(t, frozen), mb, cfg, materialize, rng=rng)
+                s, n = loss_sums(combine(t, frozen), mb, cfg, materialize, rng=rng,
+                                 chunk=loss_chunk)
                 return s, (n, {})
         else:   # the teacher's forward stays outside the differentiated function
             t_out = teacher_outputs(teacher, mb, objective)
