@@ -171,6 +171,7 @@ def test_heal_then_prune_is_rebuilt_in_that_order(tiny_gguf, tmp_path):
     (["-m", "prune.ratioo=0.1,0.2"], "Key 'ratioo' not in 'PruneCfg'"),  # a sweep's missing key
     (["eval.include_path=[/nonexistent]"], "include_path /nonexistent: no such folder"),
     (["train.steps=2", "train.warmup_steps=4"], "train.warmup_steps=4 must lie in [0, steps=2]"),
+    (["train.loss_chunk=-1"], "train.loss_chunk must be >= 0"),
     (["distill=kd", "distill.teacher=/nonexistent/t.gguf"],
      "distill.teacher='/nonexistent/t.gguf' cannot be loaded"),
 ])
