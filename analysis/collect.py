@@ -73,6 +73,8 @@ def baseline_row(res: dict, path: Path) -> dict | None:
     base = {k[len("baseline/"):]: v for k, v in m.items() if k.startswith("baseline/")}
     if not base or not any(k.startswith(("final/", "after/")) for k in m):
         return None
+    if (res.get("config") or {}).get("run_dir"):   # a finished run's model, not the base
+        return None
     row = row_of({**res, "metrics": {}}, path)
     row.update(criterion="none", pruned_blocks=0, prune_ratio=0.0, heal="none",
                objective="none", quant="none", **base)
@@ -86,7 +88,7 @@ def collect(roots, stages=("pipeline", "prune", "finetune"),
     """Rows of every results.json under `roots` (files or folders, searched recursively) whose
     stage is in `stages`; a malformed file raises, naming it. `baseline_rows`: a run that
     evaluated the unchanged model before changing it gives that evaluation a row too."""
-    rows = []
+    rows, seen = [], set()
     for root in roots:
         root = Path(root)
         if not root.exists():
@@ -96,7 +98,13 @@ def collect(roots, stages=("pipeline", "prune", "finetune"),
             res = _read(path)
             if res["stage"] in stages:
                 base = baseline_row(res, path) if baseline_rows else None
-                rows += [base] if base is not None else []
+                if base is not None:   # a sweep's runs share one baseline: one row for it
+                    key = (base.get("experiment"),      # the same figures, timing aside
+                           tuple(sorted((k, v) for k, v in res["metrics"].items()
+                                        if k.startswith("baseline/") and "time" not in k)))
+                    if key not in seen:
+                        seen.add(key)
+                        rows.append(base)
                 rows.append(row_of(res, path))
     return rows
 

@@ -119,7 +119,12 @@ def merge(dirs, plot=None) -> dict:
             into = merged.setdefault(sub.name, {**res, "exports": {}, "from": []})
             into["from"].append(f"{f} (commit {res.get('git_sha', '?')[:7]})")
             for q, e in res.get("exports", {}).items():
-                into["exports"][f"{q} QAT" if e.get("qat_grid") else q] = e
+                # qat_grid: None for a float model's file, True for a QAT model on the grid
+                # it trained on, False for a QAT model exported to another type
+                key = {None: q, True: f"{q} QAT"}.get(e.get("qat_grid"), f"{q} (of a QAT model)")
+                if key in into["exports"]:
+                    raise SystemExit(f"--merge: {sub.name} has {key} in more than one of {dirs}")
+                into["exports"][key] = e
     for name, res in merged.items():
         print(f"\n## {name}: {res['metrics']['params'] / 1e6:.1f}M parameters; from "
               + ", ".join(res["from"]) + "\n")

@@ -95,10 +95,14 @@ def test_q8_k_activations_are_ggml_s_q8_k_rows():
         assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), name
 
 
-def test_qat_searches_once_per_weight_per_step_and_passes_the_gradient_straight(monkeypatch):
-    """The K-quants' search runs on the host, so QAT's rematerialised matmul keeps its codes for
-    the backward instead of searching again (it did: 45 searches a step here, now 23); the
-    gradient is the straight-through one: the PTQ model's gradient at the rounded weights."""
+@pytest.mark.parametrize("remat", ["none", "block"])
+def test_qat_searches_once_per_weight_per_step_and_passes_the_gradient_straight(monkeypatch,
+                                                                                 remat):
+    """The K-quants' search runs on the host, so QAT's rematerialised matmul and the block remat
+    policies keep its codes for the backward instead of searching again (it did: 45 searches a
+    step here without block remat, 44 with it; now 23: 21 layer weights, the embedding and the
+    head); the gradient is the straight-through one: the PTQ model's gradient at
+    the rounded weights."""
     from alpaca_jax import forward, init_params
     from alpaca_jax.config import ModelConfig
     from alpaca_jax.quant import FakeQuant, QuantSpec, ptq, resolve
@@ -109,7 +113,8 @@ def test_qat_searches_once_per_weight_per_step_and_passes_the_gradient_straight(
         monkeypatch.setattr(cls, "_host",
                             lambda self, x, f=cls._host: calls.append(1) or f(self, x))
     cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=3,
-                      num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=64)
+                      num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=64,
+                      remat=remat)
     params = init_params(cfg, jax.random.PRNGKey(0))
     spec = QuantSpec("q4_k_m")
     plan = resolve(spec, cfg)
@@ -160,3 +165,38 @@ def test_a_fixed_k_quant_model_is_rounded_once_for_evaluation(monkeypatch):
     q8 = FakeQuant.from_spec(QuantSpec("q8_0"), cfg)       # no K-quant, not even the head
     p8, t8 = fixed(params, q8)
     assert p8 is params and t8 is q8
+
+
+def test_a_chunked_loss_quantizes_a_k_quant_head_once(monkeypatch):
+    """`train.loss_chunk` applies the head chunk by chunk; a QAT head (Q6_K here) is formed once
+    before the chunks, so a step searches as often as the whole-sequence loss does, and the
+    loss and gradient are the same."""
+    from alpaca_jax import init_params
+    from alpaca_jax.config import ModelConfig
+    from alpaca_jax.quant import FakeQuant, QuantSpec
+    from alpaca_jax.quant.formats import kquants
+    from alpaca_jax.train.step import loss_sums
+
+    calls = []
+    for cls in (kquants._Q45K, kquants.Q6_K):
+        monkeypatch.setattr(cls, "_host",
+                            lambda self, x, f=cls._host: calls.append(1) or f(self, x))
+    cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=64)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tr = FakeQuant.from_spec(QuantSpec("q4_k_m"), cfg)
+    T = 17
+    batch = {"tokens": np.arange(1, T + 1)[None] % cfg.vocab_size,
+             "loss_mask": np.ones((1, T), np.float32), "positions": np.arange(T)[None]}
+    out = {}
+    for chunk in (0, 4):
+        f = jax.jit(jax.value_and_grad(lambda p: loss_sums(p, batch, cfg, tr, chunk=chunk)[0]))
+        jax.block_until_ready(f(params))
+        calls.clear()
+        out[chunk] = f(params)
+        out[chunk, "calls"] = len(calls)
+    assert out[0, "calls"] == out[4, "calls"] == 2 * 7 + 2
+    np.testing.assert_allclose(float(out[4][0]), float(out[0][0]), rtol=1e-5)
+    g0, g4 = out[0][1]["lm_head"], out[4][1]["lm_head"]
+    np.testing.assert_allclose(np.asarray(g4), np.asarray(g0), rtol=0,
+                               atol=1e-5 * float(np.abs(np.asarray(g0)).max()))

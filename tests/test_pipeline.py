@@ -197,6 +197,16 @@ def test_a_run_s_baseline_evaluation_can_be_a_row_of_its_own(tmp_path):
     assert (base["criterion"], base["pruned_blocks"], base["ppl_wiki"], base["params"]) == \
         ("none", 0, 19.6, 134.5e6)
     assert (pruned["criterion"], pruned["ppl_wiki"], pruned["params"]) == ("ppl", 49.6, 113.3e6)
+    # a second run of the sweep with the same baseline: one baseline row, not two (n=2, +- 0)
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "results.json").write_text(json.dumps(
+        {**res, "metrics": {**res["metrics"], "final/ppl_wiki": 41.2}}))
+    rows = collect([tmp_path], baseline_rows=True)
+    assert [r["ppl_wiki"] for r in rows] == [19.6, 49.6, 41.2]
+    # a finished run's model (run_dir=) is not the base model: no baseline row for it
+    (tmp_path / "s" / "results.json").write_text(json.dumps({**res, "config": {"run_dir": "x"}}))
+    assert [r["ppl_wiki"] for r in collect([tmp_path / "s"], baseline_rows=True)] == [49.6]
 
 
 def test_malformed_results_are_named(tmp_path):
@@ -272,3 +282,18 @@ def test_the_multinode_slurm_launcher_asks_for_one_task_per_node_with_all_its_gp
     assert "#SBATCH --ntasks-per-node=1" in script
     assert "#SBATCH --gpus-per-node=4" in script
     assert "srun" in script          # every task runs the job: 2 processes, one cluster
+
+
+def test_settings_added_later_stay_out_of_stage_records_at_their_default():
+    """A stage is redone when its recorded settings differ; a setting added since a run
+    recorded its stages (train.loss_chunk, export.float_reference) is left out of the record
+    while at its default, so that run resumes its stages instead of redoing them."""
+    from alpaca_jax.recipe.settings import Job
+    from alpaca_jax.recipe.stages import _asdict, _heal_settings
+
+    job = Job()
+    assert "loss_chunk" not in _heal_settings(job)["train"]
+    assert "float_reference" not in _asdict(job.export)
+    job.train.loss_chunk, job.export.float_reference = 64, "smollm2-135m-instruct"
+    assert _heal_settings(job)["train"]["loss_chunk"] == 64
+    assert _asdict(job.export)["float_reference"] == "smollm2-135m-instruct"

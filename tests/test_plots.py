@@ -50,3 +50,6 @@ def test_bench_edge_merge_tabulates_ptq_and_qat_outputs_together(tmp_path, capsy
     assert "| Q4_0 QAT | 87.5 | 17.10 | 1.0e-01 | 50.0 | 100.0 | 300 | 202 | 4.0e-03 |" in table
     assert table.index("| F16 |") < table.index("| Q4_0 |") and "(commit abcdef0)" in table
     assert (tmp_path / "edge.png").stat().st_size > 5000
+    import pytest
+    with pytest.raises(SystemExit, match="has Q4_0 QAT in more than one"):   # no silent overwrite
+        bench_edge.merge([str(tmp_path / "qat"), str(tmp_path / "qat")])

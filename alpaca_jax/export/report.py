@@ -93,6 +93,7 @@ def export_files(params, cfg, tok, qtypes, out_dir: Path, e, recipe: dict, name:
     float_logits = None   # the unquantized JAX model: what each file's rounding costs
     if parity_ids:
         f_params, f_cfg = float_model or (params, cfg)
+        f_cfg = f_cfg.replace(compute_dtype=cfg.compute_dtype, attention=cfg.attention)
         float_logits = np.asarray(forward(f_params, np.array([parity_ids]), f_cfg)[0][0])
     for qtype in qtypes:
         path = to_gguf(params, cfg, tok, out_dir / f"model-{qtype.lower()}.gguf", qtype,

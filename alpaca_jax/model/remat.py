@@ -12,19 +12,27 @@ import jax
 
 from alpaca_jax.config import REMAT_POLICIES
 
+# The name `quant/formats/ops.py` gives a costly quantizer's codes and scales
+# (`Format.costly_quantizer`); every policy here and QAT's own matmul remat keep it.
+QUANT_CODES = "quant_codes"
+
 
 def policy(name: str):
-    """The `jax.checkpoint` policy for a REMAT_POLICIES name (None for `none`)."""
+    """The `jax.checkpoint` policy for a REMAT_POLICIES name (None for `none`). Every policy
+    also keeps values named `quant_codes` (a costly quantizer's codes, a byte per weight: the
+    K-quants' host-side search, `quant/formats/ops.py`), so the backward does not search again."""
     if name not in REMAT_POLICIES:
         raise ValueError(f"remat policy {name!r}; supported: {REMAT_POLICIES}")
     cp = jax.checkpoint_policies
     if name == "none":
         return None
     if name == "block":
-        return cp.nothing_saveable
-    if name == "offload_dot_with_no_batch_dims":
-        return cp.offload_dot_with_no_batch_dims("device", "pinned_host")
-    return getattr(cp, name)
+        base = cp.nothing_saveable
+    elif name == "offload_dot_with_no_batch_dims":
+        base = cp.offload_dot_with_no_batch_dims("device", "pinned_host")
+    else:
+        base = getattr(cp, name)
+    return cp.save_from_both_policies(base, cp.save_only_these_names(QUANT_CODES))
 
 
 def remat_block(body, name: str):

@@ -82,7 +82,8 @@ class FakeQuant(Transform):
         # instead of keeping one fake-quantized copy (and the quantizer's intermediates) per
         # layer alive from the forward; that made QAT + LoRA temporaries 3-4x LoRA's. A costly
         # quantizer's codes (the K-quants' host search) are the exception: kept, at a byte per
-        # weight, so the search runs once per step and layer, not again in the backward.
+        # weight, so the search runs once per step and layer, not again in the backward (the
+        # block remat policies keep them too, `model/remat.py`).
         return jax.checkpoint(self._quantized_linear, static_argnums=(2,),
                               policy=_KEEP_CODES)(x, tree, name)
 

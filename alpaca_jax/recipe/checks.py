@@ -145,6 +145,14 @@ def check_stages(job: Job) -> list[str]:
     if job.train.loss_chunk < 0:
         raise ValueError(f"train.loss_chunk must be >= 0 (0: the whole sequence at once), got "
                          f"{job.train.loss_chunk}")
+    if "heal" in pos and job.train.loss_chunk and job.distill.objective != "sft":
+        print(f"[stages] train.loss_chunk={job.train.loss_chunk} chunks the next-token loss of "
+              f"validation only; distill={job.distill.objective} trains with distill.chunk="
+              f"{job.distill.chunk}", flush=True)
+    if job.export.float_reference and not job.export.parity_tokens and "export" in pos:
+        raise ValueError("export.float_reference is the model of the KL-vs-float parity figure, "
+                         "but export.parity_tokens=0 computes no parity; set parity_tokens or "
+                         "drop float_reference")
     if "heal" in pos and job.distill.objective != "sft" and \
             job.distill.teacher == "stage:prune" and pos.get("prune", len(stages)) > pos["heal"]:
         raise ValueError(f"distill.teacher=stage:prune: stages={stages} has no prune stage "

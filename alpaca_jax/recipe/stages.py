@@ -91,8 +91,17 @@ def eval_tags(stages: list[str]) -> list[str]:
     return tags
 
 
+# Settings added after runs had recorded their stages: left out of a stage's settings record
+# while at their default, so a run from before them resumes its stages instead of redoing them.
+_ADDED_LATER = {"TrainConfig": {"loss_chunk": 0}, "ExportCfg": {"float_reference": None}}
+
+
 def _asdict(x):
-    return dataclasses.asdict(x)
+    d = dataclasses.asdict(x)
+    for name, default in _ADDED_LATER.get(type(x).__name__, {}).items():
+        if d.get(name) == default:
+            del d[name]
+    return d
 
 
 # -- evaluation ------------------------------------------------------------------------------

@@ -121,15 +121,16 @@ def check_teacher(name: str, tcfg: ModelConfig, ttok, cfg: ModelConfig, tok,
                   setting: str = "distill.teacher") -> None:
     """KD compares two distributions over one vocabulary: the teacher's logits must have the
     student's width and its token ids must mean the same strings."""
+    who = "the student's" if setting == "distill.teacher" else "the model's"
     if tcfg.vocab_size != cfg.vocab_size:
         raise ValueError(f"{setting}={name}: its vocabulary has {tcfg.vocab_size} tokens, "
-                         f"the student's {cfg.vocab_size}; the comparison needs one vocabulary")
+                         f"{who} {cfg.vocab_size}; the comparison needs one vocabulary")
     if ttok is None or tok is None:
         return
     a, b = list(ttok.pieces), list(tok.pieces)
     if a != b:
         diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        raise ValueError(f"{setting}={name}: its tokenizer differs from the student's "
+        raise ValueError(f"{setting}={name}: its tokenizer differs from {who} "
                          f"(token id {diff}: {a[diff] if diff < len(a) else None!r} vs "
                          f"{b[diff] if diff < len(b) else None!r}); the comparison needs one "
                          f"tokenizer")
@@ -201,6 +202,24 @@ def _head(params, hn, cfg: ModelConfig, materialize: Transform):
     return out.astype(jnp.float32)
 
 
+def head_once(params, cfg: ModelConfig, materialize: Transform):
+    """`(params, transform)` for applying the LM head a chunk at a time: where `materialize`
+    quantizes the head's weight (QAT), that weight is formed here once, so its quantizer (for a
+    K-quant head, a host-side search) runs once and not per chunk, under a transform that no
+    longer quantizes weights (it keeps the activation rounding); the straight-through gradient
+    still reaches the stored weight. Otherwise unchanged."""
+    import dataclasses
+
+    from alpaca_jax.quant.qat import FakeQuant
+
+    key = "embed" if cfg.tie_embeddings else "lm_head"
+    if not (isinstance(materialize, FakeQuant) and materialize.weights and
+            dict(materialize.formats).get(key) is not None):
+        return params, materialize
+    return ({**params, key: materialize.weight(params, key)},
+            dataclasses.replace(materialize, weights=False))
+
+
 def seq_chunks(x, size: int):
     """`[B, P, ...]` -> `[n, B, size, ...]` along the sequence, zero-padded at the end (padded
     positions must carry loss mask 0)."""
@@ -260,11 +279,14 @@ def distill_sums(params, teacher_params, t_out, batch, cfg, obj: Objective,
     chunks = functools.partial(seq_chunks, size=obj.chunk)
     tcfg, tmat = obj.teacher_cfg, obj.teacher_materialize
 
+    hp, hmat = head_once(params, cfg, materialize)
+    tp, tmat = head_once(teacher_params, tcfg, tmat)
+
     @jax.checkpoint   # the backward recomputes a chunk's logits instead of keeping them all
     def body(acc, xs):
         hs, ht, tgt, m = xs
-        t_logits = jax.lax.stop_gradient(_head(teacher_params, ht, tcfg, tmat))
-        nll, kd = token_losses(_head(params, hs, cfg, materialize), t_logits, tgt, obj.tau)
+        t_logits = jax.lax.stop_gradient(_head(tp, ht, tcfg, tmat))
+        nll, kd = token_losses(_head(hp, hs, cfg, hmat), t_logits, tgt, obj.tau)
         return tuple(a + b for a, b in zip(acc, _combine(nll, kd, m, obj))), None
 
     zero = jnp.float32(0)

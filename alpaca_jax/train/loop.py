@@ -135,7 +135,9 @@ def _train(params, cfg, train_rows, val_rows, tc, out_dir, trainable, materializ
 
     def check_same_run(meta):
         # a setting added since the checkpoint was written counts at its default
-        written = {**dataclasses.asdict(TrainConfig()), **(meta.get("train_config") or {})}
+        written = meta.get("train_config")
+        if isinstance(written, dict):
+            written = {**dataclasses.asdict(TrainConfig()), **written}
         if written != dataclasses.asdict(tc):
             raise ValueError(f"checkpoint {ckpt.directory} was written by a different train "
                              f"config: {meta.get('train_config')} != {dataclasses.asdict(tc)}")
@@ -164,7 +166,7 @@ def _train(params, cfg, train_rows, val_rows, tc, out_dir, trainable, materializ
         teacher.params if mesh is None else
         place_tree(teacher.params, param_shardings(teacher.params, mesh, rules)[0]))
     # a K-quant grid is rounded once per evaluation, not at every batch (`quant.qat.fixed`)
-    eval_fn = make_eval_fn(cfg, fixed_transform(materialize))
+    eval_fn = make_eval_fn(cfg, fixed_transform(materialize), chunk=tc.loss_chunk)
     rows_per_step = tc.batch_size * tc.accum_steps
     tokens_done, t_run = 0.0, None
 

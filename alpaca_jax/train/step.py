@@ -8,7 +8,8 @@ import optax
 
 from alpaca_jax.model.adapters import adapted
 from alpaca_jax.model.forward import forward, next_token_nll
-from alpaca_jax.train.distill import _head, _HeadOff, distill_sums, seq_chunks, teacher_outputs
+from alpaca_jax.train.distill import (_head, _HeadOff, distill_sums, head_once, seq_chunks,
+                                      teacher_outputs)
 from alpaca_jax.train.split import combine
 
 
@@ -23,6 +24,8 @@ def loss_sums(params, batch, cfg, materialize=adapted, rng=None, chunk: int = 0)
     `[B, C, V]`; the backward recomputes each chunk's logits. For large vocabularies and long
     rows (a 128k vocabulary at 8 x 2,048 tokens is 8.6 GB of float32 logits); the same sums up
     to float rounding (`tests/test_train.py`)."""
+    if chunk < 0:
+        raise ValueError(f"loss chunk must be >= 0 (0: the whole sequence at once), got {chunk}")
     tokens, seg = batch["tokens"], batch.get("segment_ids")
     mask = batch["loss_mask"][:, 1:]
     if seg is not None:
@@ -35,10 +38,12 @@ def loss_sums(params, batch, cfg, materialize=adapted, rng=None, chunk: int = 0)
     h, _ = forward(params, tokens, cfg, positions=batch["positions"], segment_ids=seg,
                    materialize=_HeadOff(materialize), rng=rng)
 
+    hp, hmat = head_once(params, cfg, materialize)   # a quantized head formed once
+
     @jax.checkpoint   # the backward recomputes a chunk's logits instead of keeping them all
     def body(acc, xs):
         hs, tgt, m = xs
-        logp = jax.nn.log_softmax(_head(params, hs, cfg, materialize), axis=-1)
+        logp = jax.nn.log_softmax(_head(hp, hs, cfg, hmat), axis=-1)
         return acc - jnp.sum(jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0] * m), None
 
     s, _ = jax.lax.scan(body, jnp.float32(0), (seq_chunks(h[:, :-1], chunk),
@@ -114,8 +119,8 @@ def make_train_step(cfg, optimizer, materialize=adapted, seed: int = 0, objectiv
     return jax.jit(step, donate_argnums=(0, 2))
 
 
-def make_eval_fn(cfg, materialize=adapted):
+def make_eval_fn(cfg, materialize=adapted, chunk: int = 0):
     @jax.jit
     def eval_sums(params, batch):
-        return loss_sums(params, batch, cfg, materialize)
+        return loss_sums(params, batch, cfg, materialize, chunk=chunk)
     return eval_sums

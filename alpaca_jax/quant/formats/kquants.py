@@ -9,7 +9,7 @@
 The quantizer is ggml's reference search, run on the host in numpy (`kquant_search.py` says
 why), through `jax.pure_callback`, so it works under `jit` on any backend: fine for PTQ and
 export, slow for QAT of large models (each step runs the search once per weight on the host;
-the backward keeps its codes, `costly_quantizer`). The
+the remat policies keep its codes for the backward, `costly_quantizer`). The
 dequantizer is JAX and matches ggml's `dequantize_row_*` bit for bit: Q4_K/Q5_K's `d1 * q` is
 exact in float32 (11 + 6 + 5 bits), so a fused multiply-add cannot change `d1 * q - m1`.
 

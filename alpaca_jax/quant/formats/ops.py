@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from alpaca_jax.model.remat import QUANT_CODES  # kept by every remat policy and QAT's matmul
 from alpaca_jax.quant.formats.activations import q8_activations
 from alpaca_jax.quant.formats.base import Format, Quantized, get_format
 from alpaca_jax.quant.formats.layout import from_blocks, to_blocks
@@ -46,10 +47,6 @@ def _qdq(x, fmt: Format, axis: int):
             None if ok is None else from_blocks(ok, axis, x.ndim))
 
 
-# The name of a costly quantizer's codes and scales (`Format.costly_quantizer`): QAT's
-# rematerialised matmul saves values of this name for the backward instead of re-running the
-# quantizer there (`quant/qat.py`).
-QUANT_CODES = "quant_codes"
 
 
 @jax.custom_vjp
