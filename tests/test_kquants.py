@@ -95,7 +95,7 @@ def test_q8_k_activations_are_ggml_s_q8_k_rows():
         assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), name
 
 
-@pytest.mark.parametrize("remat", ["none", "block"])
+@pytest.mark.parametrize("remat", ["none", "block", "dots_saveable"])
 def test_qat_searches_once_per_weight_per_step_and_passes_the_gradient_straight(monkeypatch,
                                                                                  remat):
     """The K-quants' search runs on the host, so QAT's rematerialised matmul and the block remat

@@ -34,7 +34,8 @@ def test_qat_lora_and_bf16_lora_temporaries_stay_near_lora():
 def test_remat_setting_names_the_choices():
     from alpaca_jax.model.remat import policy
 
-    assert policy("none") is None and policy("dots_saveable") is jax.checkpoint_policies.dots_saveable
+    # JAX's policy of that name, which also keeps a K-quant's codes (tests/test_kquants.py)
+    assert policy("none") is None and callable(policy("dots_saveable"))
     assert {p for p in REMAT_POLICIES if p != "none" and policy(p) is None} == set()
     assert ModelConfig(**TINY, remat=True).remat == "block"
     assert ModelConfig(**TINY, remat=False).remat == "none"
