@@ -32,7 +32,13 @@ def policy(name: str):
         base = cp.offload_dot_with_no_batch_dims("device", "pinned_host")
     else:
         base = getattr(cp, name)
-    return cp.save_from_both_policies(base, cp.save_only_these_names(QUANT_CODES))
+    keep = cp.save_only_these_names(QUANT_CODES)
+
+    def with_codes(prim, *args, **params):
+        # not `save_from_both_policies`: the offload policy answers with an offload
+        # instruction, not a boolean, which that helper refuses
+        return True if keep(prim, *args, **params) else base(prim, *args, **params)
+    return with_codes
 
 
 def remat_block(body, name: str):
