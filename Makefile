@@ -38,8 +38,11 @@ finetune: setup
 prune: setup
 	$(PY) experiments/prune.py $(ARGS)
 
+# Most tests compile and run on one core, so two workers halve the wall time on 2 cores; whole
+# files go to one worker so that a file's module fixtures (a sweep, a trained run) run once.
+TEST_WORKERS ?= 2
 test: setup-test
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 bench: setup-test
 	$(PY) benchmarks/bench_generate.py $(ARGS)

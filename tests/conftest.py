@@ -9,7 +9,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="alpaca_jax_hf_home_"))
+# One compilation cache for the whole session, its xdist workers and the runs they start as
+# subprocesses: the same tiny shapes are compiled by many tests and by every restart of a run
+# (SIGKILL, resume, multi-process tests), so most compiles after the first are cache reads.
+# Environment variables, not jax.config, so that subprocesses inherit them.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      tempfile.mkdtemp(prefix="alpaca_jax_compile_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# The files that run end-to-end jobs in subprocesses take minutes each. `make test` hands whole
+# files to its workers in collection order, so these go first: the short files then fill the
+# gaps, instead of one worker finishing a long file alone at the end. (Order only; every test
+# still runs.)
+LONG_FILES = ("test_pipeline.py", "test_multihost.py", "test_finetune_experiment.py",
+              "test_export_smollm2.py", "test_recipe.py", "test_export_experiment.py",
+              "test_mesh.py", "test_train.py", "test_readme.py", "test_file_types.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+    items.sort(key=rank)    # stable: the order within a file is kept

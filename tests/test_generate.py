@@ -47,10 +47,16 @@ def test_left_padded_rows_equal_unpadded():
 
 
 def _greedy_reference(params, cfg, prompt, n, eos):
+    """The uncached loop: the whole sequence through the forward for each new token. The sequence
+    sits at the start of one fixed 32-token buffer (causal attention: the zeros after it change
+    nothing before them), so every step reuses one compiled forward."""
     seq = list(prompt)
+    fwd = jax.jit(lambda p, t: forward(p, t, cfg)[0])
     for _ in range(n):
-        logits, _ = forward(params, np.array([seq]), cfg)
-        nxt = int(np.asarray(logits)[0, -1].argmax())
+        buf = np.zeros((1, 32), np.int32)
+        buf[0, :len(seq)] = seq
+        logits = fwd(params, buf)
+        nxt = int(np.asarray(logits)[0, len(seq) - 1].argmax())
         if nxt in eos:
             break
         seq.append(nxt)
