@@ -1,6 +1,18 @@
 """Test environment: set before jax or wandb initialise (docs/ARCHITECTURE.md, traps)."""
 import os
+import shutil
 import tempfile
+
+# Temporary directories this process made (not ones inherited from an xdist controller through
+# the environment); removed when the session ends, so repeated runs leave nothing in /tmp.
+_MADE = []
+
+
+def _temp_dir_env(name: str, prefix: str) -> None:
+    if name not in os.environ:
+        os.environ[name] = tempfile.mkdtemp(prefix=prefix)
+        _MADE.append(os.environ[name])
+
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -8,13 +20,12 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="alpaca_jax_hf_home_"))
+_temp_dir_env("HF_HOME", "alpaca_jax_hf_home_")
 # One compilation cache for the whole session, its xdist workers and the runs they start as
 # subprocesses: the same tiny shapes are compiled by many tests and by every restart of a run
 # (SIGKILL, resume, multi-process tests), so most compiles after the first are cache reads.
 # Environment variables, not jax.config, so that subprocesses inherit them.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      tempfile.mkdtemp(prefix="alpaca_jax_compile_cache_"))
+_temp_dir_env("JAX_COMPILATION_CACHE_DIR", "alpaca_jax_compile_cache_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -37,3 +48,8 @@ def pytest_collection_modifyitems(items):
         name = item.path.name
         return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
     items.sort(key=rank)    # stable: the order within a file is kept
+
+
+def pytest_unconfigure(config):
+    for d in _MADE:
+        shutil.rmtree(d, ignore_errors=True)
