@@ -1,5 +1,4 @@
 """Bad input gets an error that names the thing, before any compute."""
-import json
 
 import numpy as np
 import pytest

@@ -1,10 +1,10 @@
 """The Hydra entry point end to end on a tiny model, and config typos rejected before compute."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from apps import app_env, run_app_here
 from gguf_reference import tiny_bpe_vocab, write_tiny_gguf
 from hf_reference import tiny_hf_model
 
@@ -12,9 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(*overrides, cwd):
-    env = dict(os.environ, WANDB_MODE="disabled")
     return subprocess.run([sys.executable, str(ROOT / "experiments" / "evaluate.py"), *overrides],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=cwd, env=app_env(), capture_output=True, text=True, timeout=300)
 
 
 def test_evaluate_writes_results_json(tmp_path):
@@ -40,13 +39,13 @@ def test_evaluate_writes_results_json(tmp_path):
 
 
 def test_typo_in_override_fails_before_compute(tmp_path):
-    proc = _run("eval.ctx_lenn=32", cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "ctx_lenn" in proc.stderr
-    proc = _run("eval.ctx_len=many", cwd=tmp_path)
-    assert proc.returncode != 0 and "ctx_len" in proc.stderr
+    code, _, err = run_app_here("evaluate", "eval.ctx_lenn=32", f"hydra.run.dir={tmp_path}")
+    assert code != 0 and "ctx_lenn" in err
+    code, _, err = run_app_here("evaluate", "eval.ctx_len=many", f"hydra.run.dir={tmp_path}")
+    assert code != 0 and "ctx_len" in err
 
 
 def test_unknown_corpus_fails_before_loading_the_model(tmp_path):
-    proc = _run("eval.corpora=[no_such_corpus.txt]", "model.source=not-a-model", cwd=tmp_path)
-    assert proc.returncode != 0 and "no_such_corpus.txt" in proc.stderr
+    code, _, err = run_app_here("evaluate", "eval.corpora=[no_such_corpus.txt]",
+                                "model.source=not-a-model", f"hydra.run.dir={tmp_path}")
+    assert code != 0 and "no_such_corpus.txt" in err

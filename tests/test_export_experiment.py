@@ -2,7 +2,6 @@
 grid; a pruned LoRA run is rebuilt (drop, then adapter) and exported; parity, greedy answers and
 the llama.cpp benchmark land in results.json; bad input fails before any model is loaded."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +20,13 @@ from alpaca_jax.peft.lora import merge
 from alpaca_jax.prune import drop_layers
 from alpaca_jax.quant import QuantSpec, quantize_params
 from alpaca_jax.quant.formats import to_ggml_bytes
+from apps import app_env, run_app_here
 from gguf_reference import tiny_bpe_vocab, write_tiny_gguf
 from hf_reference import tiny_hf_model
 from test_forward_parity import assert_close_logits
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, WANDB_MODE="disabled")
+ENV = app_env()
 SMALL = ["export.threads=[1]", "export.repeats=1", "export.gen_tokens=4",
          "export.prompt_tokens=16", "export.parity_tokens=32", "export.max_new_tokens=6",
          "export.prompts=[hello there,what is it]"]
@@ -127,9 +127,9 @@ def test_a_pruned_lora_run_is_rebuilt_and_exported(tiny_gguf, tmp_path):
      "export.float_reference='/nonexistent/model' cannot be loaded"),
 ])
 def test_bad_export_settings_fail_clearly(tiny_gguf, tmp_path, args, message):
-    proc = _run("export.py", f"model.source={tiny_gguf}", f"hydra.run.dir={tmp_path}", *args,
-                timeout=120)
-    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    code, _, err = run_app_here("export", f"model.source={tiny_gguf}",
+                                f"hydra.run.dir={tmp_path}", *args)
+    assert code != 0 and message in err, err[-2000:]
     assert not list(tmp_path.glob("*.gguf"))
 
 

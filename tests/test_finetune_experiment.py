@@ -11,6 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from apps import app_env, run_app_here
 from gguf_reference import tiny_bpe_vocab, write_tiny_gguf
 from hf_reference import tiny_hf_model
 
@@ -48,7 +49,7 @@ def _flat(tree, prefix=""):
 
 
 def test_sigkill_and_restart_equals_uninterrupted_run(tiny_gguf, tmp_path):
-    env = dict(os.environ, WANDB_MODE="disabled")
+    env = app_env()
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
     ref = subprocess.run(_cmd(tiny_gguf, ref_dir), env=env, capture_output=True, text=True,
                          timeout=600)
@@ -80,60 +81,36 @@ def test_sigkill_and_restart_equals_uninterrupted_run(tiny_gguf, tmp_path):
 
 
 def test_finetune_config_typos_fail_before_compute(tmp_path):
-    env = dict(os.environ, WANDB_MODE="disabled")
     for bad, name in [("train.lrr=1", "lrr"), ("data=nonexistent_group", "nonexistent_group"),
                       ("train.steps=many", "steps")]:
-        proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "finetune.py"), bad,
-                               f"hydra.run.dir={tmp_path}"], env=env, capture_output=True,
-                              text=True, timeout=120)
-        assert proc.returncode != 0 and name in proc.stderr, (bad, proc.stderr[-500:])
+        code, _, err = run_app_here("finetune", bad, f"hydra.run.dir={tmp_path}")
+        assert code != 0 and name in err, (bad, err[-500:])
 
 
 def test_malformed_data_fails_before_the_model_loads(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"output": "c"}]))
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "finetune.py"),
-                           f"data.source={bad}", "model.source=not-a-model", "logger=disabled",
-                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, WANDB_MODE="disabled"))
-    assert proc.returncode != 0
-    assert "bad.json: record 1 has no string field 'instruction'" in proc.stderr
+    code, _, err = run_app_here("finetune", f"data.source={bad}", "model.source=not-a-model",
+                                "logger=disabled", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code != 0 and "bad.json: record 1 has no string field 'instruction'" in err
 
 
-def test_multirun_sweep_with_the_basic_launcher(tiny_gguf, tmp_path):
-    cmd = _cmd(tiny_gguf, tmp_path, "train.lr=1e-3,3e-3", "train.eval_every=2", steps=4,
-               dir_key="hydra.sweep.dir")
-    cmd.insert(2, "-m")  # Hydra's flags come before the overrides
-    proc = subprocess.run(cmd, env=dict(os.environ, WANDB_MODE="disabled"), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = [json.loads((tmp_path / str(n) / "results.json").read_text()) for n in (0, 1)]
-    assert [r["config"]["train"]["lr"] for r in runs] == [1e-3, 3e-3]
-    assert runs[0]["history"] != runs[1]["history"]
-
-
-def test_wandb_offline_logs_and_returns(tiny_gguf, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_DIR")}
-    proc = subprocess.run(_cmd(tiny_gguf, tmp_path, "logger=wandb_offline", "logger.group=test",
-                               "train.eval_every=2", steps=4),
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
-
-
-def test_lora_finetune_trains_adapters_only_and_writes_a_peft_adapter(tiny_gguf, tmp_path):
+def test_lora_finetune_trains_adapters_only_writes_a_peft_adapter_and_logs_offline(tiny_gguf,
+                                                                                   tmp_path):
     """peft=lora_r8 end to end: the recipe's settings land in the tree, only adapters are
-    checkpointed, the saved PEFT adapter reloads to the run's final model, and resuming the run
-    directory with another adapter config is refused before any state is restored."""
+    checkpointed, the saved PEFT adapter reloads to the run's final model, W&B logs offline
+    into the run dir, and resuming the run directory with another adapter config is refused
+    before any state is restored."""
     from alpaca_jax import forward, load_model
     from alpaca_jax.peft import load_peft
 
-    env = dict(os.environ, WANDB_MODE="disabled")
+    env = {k: v for k, v in app_env().items() if k not in ("WANDB_MODE", "WANDB_DIR")}
     cmd = _cmd(tiny_gguf, tmp_path, "peft=lora_r8", "peft.rank=4", "train.eval_every=2",
-               "train.lr=3e-3", steps=4)
+               "train.lr=3e-3", "logger=wandb_offline", "logger.group=test", steps=4)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["config"]["train"]["lr"] == 3e-3  # the command line beats the preset's 1e-4
     assert res["recipe"]["finetune"] == "lora"
@@ -161,8 +138,7 @@ def test_lora_finetune_trains_adapters_only_and_writes_a_peft_adapter(tiny_gguf,
     assert np.abs(np.asarray(forward(loaded, tokens, cfg)[0])
                   - np.asarray(forward(params, tokens, cfg)[0])).max() > 0
 
-    again = subprocess.run(_cmd(tiny_gguf, tmp_path, "peft=dora_r8", "peft.rank=4",
-                                "train.eval_every=2", "train.lr=3e-3", steps=4),
-                           env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode != 0 and "written by a different run" in again.stderr, \
-        again.stderr[-2000:]
+    code, _, err = run_app_here("finetune", *_cmd(tiny_gguf, tmp_path, "peft=dora_r8",
+                                                  "peft.rank=4", "train.eval_every=2",
+                                                  "train.lr=3e-3", steps=4)[2:])
+    assert code != 0 and "written by a different run" in err, err[-2000:]

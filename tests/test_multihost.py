@@ -3,7 +3,6 @@ the pipeline on a tiny model with `mesh.data=4`: the same metrics and adapters a
 with 4 devices; only process 0 writes; a SIGKILL of one process makes the other exit within a
 bounded time, and a restart of both resumes from the last checkpoint to the same losses."""
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from apps import app_env
 from gguf_reference import tiny_bpe_vocab, write_tiny_gguf
 from hf_reference import tiny_hf_model
 
@@ -37,7 +37,7 @@ def _args(gguf, run_dir):
             "eval.task_limit=8", "eval.instruction_samples=2", "eval.prompts=[hi]",
             "eval.max_new_tokens=4", "peft.rank=4", "prune.calib=wiki", "prune.calib_len=32",
             "prune.calib_samples=4", "prune.ratio=null", "prune.n_blocks=1",
-            "stages=[baseline,prune,heal,evaluate]", "mesh.data=4", f"hydra.run.dir={run_dir}"]
+            "stages=[prune,heal,evaluate]", "mesh.data=4", f"hydra.run.dir={run_dir}"]
 
 
 def _free_port() -> int:
@@ -48,8 +48,7 @@ def _free_port() -> int:
 
 def _start(gguf, run_dir, n_proc, devices, port=None, tag=""):
     """The processes of one job, each with its log file (`<run_dir>.<tag>p<i>.log`)."""
-    env = dict(os.environ, WANDB_MODE="disabled", JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = app_env(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     procs = []
     for i in range(n_proc):
         extra = [] if n_proc == 1 else [

@@ -2,7 +2,6 @@
 the analysis into a table that matches the runs; resume; stage-order and sweep errors; the
 analysis's tables, sections and malformed inputs."""
 import json
-import os
 import re
 import subprocess
 import sys
@@ -14,11 +13,12 @@ import pytest
 from analysis.collect import ResultsError, collect
 from analysis.report import replace_section
 from analysis.tables import latex, markdown, summarize
+from apps import app_env, run_app_here
 from gguf_reference import tiny_bpe_vocab, write_tiny_gguf
 from hf_reference import tiny_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, WANDB_MODE="disabled")
+ENV = app_env()
 
 
 @pytest.fixture(scope="module")
@@ -177,10 +177,19 @@ def test_heal_then_prune_is_rebuilt_in_that_order(tiny_gguf, tmp_path):
 ])
 def test_bad_stage_orders_and_sweeps_fail_before_any_work(tiny_gguf, tmp_path, args, message):
     flags = [a for a in args if a == "-m"]            # Hydra wants -m before the overrides
-    proc = _pipeline(*flags, *_args(tiny_gguf), *[a for a in args if a != "-m"],
-                     f"hydra.run.dir={tmp_path}", f"hydra.sweep.dir={tmp_path}", timeout=180)
-    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    code, _, err = run_app_here("pipeline", *flags, *_args(tiny_gguf),
+                                *[a for a in args if a != "-m"], f"hydra.run.dir={tmp_path}",
+                                f"hydra.sweep.dir={tmp_path}")
+    assert code != 0 and message in err, err[-2000:]
     assert not (tmp_path / "results.json").exists() and not list(tmp_path.rglob("*.gguf"))
+
+
+def test_a_bad_setting_fails_the_command_line_process(tiny_gguf, tmp_path):
+    """The cases above run Hydra's main in the test process; one of them as a real process."""
+    proc = _pipeline(*_args(tiny_gguf), "stages=[baseline,evaluat]", f"hydra.run.dir={tmp_path}",
+                     timeout=180)
+    assert proc.returncode == 1 and "unknown stage 'evaluat'" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_a_run_s_baseline_evaluation_can_be_a_row_of_its_own(tmp_path):
@@ -256,9 +265,9 @@ def test_sections_are_replaced_in_place():
 
 
 def test_the_slurm_launcher_config_composes():
-    proc = _pipeline("hydra/launcher=slurm", "--cfg", "hydra", timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in proc.stdout
+    code, out, err = run_app_here("pipeline", "hydra/launcher=slurm", "--cfg", "hydra")
+    assert code == 0, err[-2000:]
+    assert "hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in out
 
 
 def test_the_multinode_slurm_launcher_asks_for_one_task_per_node_with_all_its_gpus(tmp_path):
@@ -267,10 +276,11 @@ def test_the_multinode_slurm_launcher_asks_for_one_task_per_node_with_all_its_gp
     import yaml
     from submitit.slurm.slurm import _make_sbatch_string
 
-    proc = _pipeline("hydra/launcher=slurm_multinode", "hydra.launcher.nodes=2",
-                     "hydra.launcher.gpus_per_node=4", "--cfg", "hydra", timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    launcher = yaml.safe_load(proc.stdout)["hydra"]["launcher"]
+    code, out, err = run_app_here("pipeline", "hydra/launcher=slurm_multinode",
+                                  "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4",
+                                  "--cfg", "hydra")
+    assert code == 0, err[-2000:]
+    launcher = yaml.safe_load(out)["hydra"]["launcher"]
     assert launcher["nodes"] == 2 and launcher["tasks_per_node"] == 1
     # what SlurmExecutor renders (it refuses to start where there is no srun)
     script = _make_sbatch_string(

@@ -1,6 +1,5 @@
 """experiments/prune.py end to end on a tiny 4-block model: score, prune, heal, evaluate, resume."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +8,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from apps import app_env, run_app_here
 from gguf_reference import tiny_bpe_vocab, write_tiny_gguf
 from hf_reference import tiny_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, WANDB_MODE="disabled")
+ENV = app_env()
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,6 @@ def test_taylor_plus_protection_and_no_healing(tiny_gguf, tmp_path):
     ("prune.criterion=magnitude prune.iterative=true", "re-scores with the ppl criterion"),
 ])
 def test_bad_prune_settings_fail_before_loading_anything(tmp_path, override, message):
-    proc = _run([sys.executable, str(ROOT / "experiments" / "prune.py"), *override.split(),
-                 "model.source=not-a-model", "logger=disabled", f"hydra.run.dir={tmp_path}"],
-                timeout=120)
-    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-1500:]
+    code, _, err = run_app_here("prune", *override.split(), "model.source=not-a-model",
+                                "logger=disabled", f"hydra.run.dir={tmp_path}")
+    assert code != 0 and message in err, err[-1500:]

@@ -61,6 +61,18 @@ def adapter_dir(run_dir: Path, recipe: dict) -> Path:
                          f"directory ({recorded} nor {run_dir / 'adapter'})")
 
 
+def check_artefacts(run_dir: Path, recipe: dict) -> None:
+    """The files the heal stage's replay will read are there: checked before the base model
+    loads (minutes for a 7B model), so a moved or half-copied run dir fails at once."""
+    if recipe["finetune"] == "full":
+        steps = [p for p in (run_dir / "checkpoints").glob("*/*") if p.name.isdigit()]
+        if not steps:
+            raise RunFormatError(f"{run_dir}: recipe.finetune='full' but "
+                                 f"{run_dir / 'checkpoints'} holds no checkpoint")
+    elif recipe["finetune"] != "none":
+        adapter_dir(run_dir, recipe)
+
+
 def restore_full(params: dict, run_dir: Path) -> dict:
     """The best-validation checkpoint of a full fine-tuning run (the latest when it kept none)."""
     from alpaca_jax.train.checkpoint import Checkpointer

@@ -14,12 +14,13 @@ def replay(run_dir, sharding=None):
     `sharding`: where the base model's tensors go as they are read (`io/layout.py`), so the
     replayed stages run where the caller's mesh is."""
     from alpaca_jax.io.registry import load_model
-    from alpaca_jax.io.run_model import run_recipe
+    from alpaca_jax.io.run_model import check_artefacts, run_recipe
     from alpaca_jax.model.adapters import adapted
     from alpaca_jax.recipe.stages import STAGES, State
 
     run_dir = Path(run_dir)
     recipe = run_recipe(run_dir)
+    check_artefacts(run_dir, recipe)
     params, cfg, tok = load_model(recipe["base"], sharding=sharding)
     st = State(job=None, run_dir=run_dir, stages=[], params=params, cfg=cfg, tok=tok,
                transform=adapted)
