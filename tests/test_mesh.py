@@ -1,5 +1,6 @@
 """Every stage on a device mesh (8 fake CPU devices, conftest): for data x fsdp x tensor meshes
-8x1x1, 2x4x1 and 2x2x2, block scoring (all four criteria), harness log-likelihoods, greedy
+8x1x1 and 2x2x2 (every axis split at once; 2x4x1 was dropped for the suite's time budget,
+it splits no axis the other two do not), block scoring (all four criteria), harness log-likelihoods, greedy
 generation and training steps equal the single-device results (float32, 1e-5 relative), and
 params, adapters and optimizer state sit where the logical rules put them."""
 import jax
@@ -21,7 +22,7 @@ from alpaca_jax.train.step import make_train_step
 # every sharded dimension divides 2 and 4 (hidden 32, heads 4 x 8, kv 2 x 8, mlp 64, vocab 64)
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
                   num_heads=4, num_kv_heads=2)
-SHAPES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
+SHAPES = [(8, 1, 1), (2, 2, 2)]
 
 
 def _lora_params():
@@ -182,7 +183,7 @@ def tiny_lm(tmp_path_factory):
     return load_gguf(d / "tiny.gguf")
 
 
-@pytest.mark.parametrize("shape", ["8x1x1", "2x4x1", "2x2x2"])
+@pytest.mark.parametrize("shape", ["8x1x1", "2x2x2"])
 def test_harness_requests_equal_one_device(tiny_lm, shape):
     """lm-eval's three request types through the model's own `mesh=` argument."""
     from harness_reference import generate_request, ll_request, rolling_request

@@ -3,6 +3,7 @@ the analysis into a table that matches the runs; resume; stage-order and sweep e
 analysis's tables, sections and malformed inputs."""
 import json
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -53,10 +54,11 @@ def _report(*args):
 
 @pytest.fixture(scope="module")
 def sweep(tiny_gguf, tmp_path_factory):
-    """`-m` over two pruning ratios, every stage: baseline, prune, heal (LoRA), quantize (PTQ
-    Q8_0), evaluate, export, benchmark."""
+    """`-m` over two seeds, every stage: baseline, prune, heal (LoRA), quantize (PTQ Q8_0),
+    evaluate, export, benchmark. (Seeds, not two pruning ratios: the second job has the
+    first's shapes, so it compiles nothing new and costs a third of the first.)"""
     d = tmp_path_factory.mktemp("sweep")
-    proc = _pipeline("-m", *_args(tiny_gguf), "quant=ptq_q8_0", "prune.ratio=0.0,0.25",
+    proc = _pipeline("-m", *_args(tiny_gguf), "quant=ptq_q8_0", "prune.ratio=0.25", "seed=0,1",
                      f"hydra.sweep.dir={d}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return d
@@ -82,8 +84,9 @@ def test_a_sweep_runs_every_stage_and_the_analysis_tables_it(sweep, tmp_path):
         assert h["lm_eval_version"].startswith("0.4") and h["limit"] == 8
         assert h["tasks"]["copa"] == {"task": "offline_copa", "version": 1.0, "n_shot": 0,
                                       "n": 8, "n_total": 100, "output_type": "multiple_choice"}
-    assert [r["facets"]["pruned_blocks"] for r in runs] == [0, 1]
-    assert runs[1]["metrics"]["params"] < runs[0]["metrics"]["params"]
+    assert [(r["facets"]["seed"], r["facets"]["pruned_blocks"]) for r in runs] == [(0, 1), (1, 1)]
+    assert all(r["metrics"]["params"] < r["metrics"]["params_base"] for r in runs)
+    assert runs[0]["history"] != runs[1]["history"]      # the seed reached the adapters and data
 
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\nkept text\n")
@@ -93,24 +96,27 @@ def test_a_sweep_runs_every_stage_and_the_analysis_tables_it(sweep, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = results.read_text()
     assert text.startswith("# Results\n\nkept text\n") and "<!-- analysis:mini begin -->" in text
-    rows = [line for line in text.splitlines() if line.startswith("| ppl") or
-            line.startswith("| none")]
-    assert len(rows) == 2
+    (row,) = [line for line in text.splitlines() if line.startswith("| ppl")]   # seeds pooled
     header = [c.strip() for c in next(line for line in text.splitlines()
                                       if line.startswith("| criterion")).strip("|").split("|")]
-    for line, r in zip(sorted(rows, key=lambda x: x.startswith("| ppl")), runs):
-        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
-        m = r["metrics"]
-        assert cells["pruned_blocks"] == str(r["facets"]["pruned_blocks"])
-        assert cells["wiki ppl"] == f"{m['final/ppl_wiki']:.2f}"
-        assert cells["COPA"] == (f"{100 * m['final/copa/acc']:.1f} ± "
-                                 f"{100 * m['final/copa/acc_stderr']:.1f}")
-        assert cells["0-shot avg"] == f"{100 * m['final/zeroshot_avg']:.1f}"
-        assert cells["params (M)"] == f"{m['params'] / 1e6:.1f}"
-        assert cells["llama.cpp tok/s 1t"] == f"{m['bench/Q8_0/gen_tok_s_1t']:.0f}"
-        assert cells["n"] == "1"
-        link = re.search(r"\((archive/[^)]+\.json)\)", cells["runs"]).group(1)
-        assert json.loads((tmp_path / link).read_text())["metrics"] == m
+    cells = dict(zip(header, (c.strip() for c in row.strip("|").split("|"))))
+
+    def pooled(key, fmt, se=None):     # mean ± std over the two seeds (± mean stderr)
+        vals = [r["metrics"][key] for r in runs]
+        out = f"{fmt(statistics.fmean(vals))} ± {fmt(statistics.stdev(vals))}"
+        return out if se is None else \
+            f"{out} ({fmt(statistics.fmean(r['metrics'][se] for r in runs))})"
+    pct = lambda v: f"{100 * v:.1f}"   # noqa: E731
+    assert cells["pruned_blocks"] == "1" and cells["n"] == "2"
+    assert cells["wiki ppl"] == pooled("final/ppl_wiki", lambda v: f"{v:.2f}")
+    assert cells["COPA"] == pooled("final/copa/acc", pct, se="final/copa/acc_stderr")
+    assert cells["0-shot avg"] == pooled("final/zeroshot_avg", pct)
+    assert cells["params (M)"] == pooled("params", lambda v: f"{v / 1e6:.1f}")
+    assert cells["llama.cpp tok/s 1t"] == pooled("bench/Q8_0/gen_tok_s_1t", lambda v: f"{v:.0f}")
+    links = re.findall(r"\((archive/[^)]+\.json)\)", cells["runs"])
+    assert sorted(json.dumps(json.loads((tmp_path / link).read_text())["metrics"], sort_keys=True)
+                  for link in links) == \
+        sorted(json.dumps(r["metrics"], sort_keys=True) for r in runs)
     assert r"\toprule" in (tmp_path / "t.tex").read_text()
     assert (tmp_path / "plots" / "mini_ppl_vs_params.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "mini_acc_vs_speed.png").stat().st_size > 1000
@@ -121,7 +127,7 @@ def test_a_sweep_runs_every_stage_and_the_analysis_tables_it(sweep, tmp_path):
 
 def test_a_rerun_resumes_every_stage(sweep, tiny_gguf):
     before = json.loads((sweep / "1" / "results.json").read_text())
-    proc = _pipeline(*_args(tiny_gguf), "quant=ptq_q8_0", "prune.ratio=0.25",
+    proc = _pipeline(*_args(tiny_gguf), "quant=ptq_q8_0", "prune.ratio=0.25", "seed=1",
                      f"hydra.run.dir={sweep / '1'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in ("baseline", "final", "export", "benchmark"):
