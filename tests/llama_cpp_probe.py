@@ -8,6 +8,7 @@ pinned version); a layout change shows up as missing tensor names, which the tes
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import numpy as np
 
@@ -105,6 +106,13 @@ def matmul_errors(path, params, cfg, qtype: str, ids: list[int]) -> dict[str, fl
     if missing:
         raise AssertionError(f"llama.cpp tensors not captured: {missing[:5]}")
     fq = FakeQuant.from_spec(QuantSpec(qtype.lower(), activations=True), cfg)
+
+    # compiled once per kernel, the block index traced (as in the forward's layer scan); run op
+    # by op instead, each kernel's first call compiled ~55 small programs
+    @functools.partial(jax.jit, static_argnums=2)
+    def block_linear(x, layers, kernel, i):
+        return fq.linear(x, {**jax.tree.map(lambda a: a[i], layers), LAYER_INDEX: i}, kernel)
+
     errors = {}
     for src, dst, kernel, heads in mm:
         x = got[src]
@@ -112,9 +120,8 @@ def matmul_errors(path, params, cfg, qtype: str, ids: list[int]) -> dict[str, fl
             ours = np.asarray(fq.linear(x, params, "lm_head") if "lm_head" in params
                               else fq.tied_head(x[None], params)[0])
         else:
-            i = int(dst.rsplit("-", 1)[1])
-            lp = {**jax.tree.map(lambda a: a[i], params["layers"]), LAYER_INDEX: i}
-            ours = np.asarray(fq.linear(x, lp, kernel))
+            i = np.int32(dst.rsplit("-", 1)[1])
+            ours = np.asarray(block_linear(x, params["layers"], kernel, i))
         if heads is not None:                    # llama.cpp's q/k rows are RoPE-permuted
             ours = permute_rope(ours.T, heads).T
         ref = got[dst]
