@@ -1,8 +1,8 @@
 """Every stage on a device mesh (8 fake CPU devices, conftest): for data x fsdp x tensor meshes
 8x1x1 and 2x2x2 (every axis split at once; 2x4x1 was dropped for the suite's time budget,
-it splits no axis the other two do not), block scoring (all four criteria), harness log-likelihoods, greedy
-generation and training steps equal the single-device results (float32, 1e-5 relative), and
-params, adapters and optimizer state sit where the logical rules put them."""
+it splits no axis the other two do not), block scoring (all four criteria), harness
+log-likelihoods, greedy generation and training steps equal the single-device results (float32,
+1e-5 relative), and params, adapters and optimizer state sit where the logical rules put them."""
 import jax
 import numpy as np
 import optax

@@ -48,7 +48,8 @@ def _free_port() -> int:
 
 def _start(gguf, run_dir, n_proc, devices, port=None, tag=""):
     """The processes of one job, each with its log file (`<run_dir>.<tag>p<i>.log`)."""
-    env = app_env(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = app_env(JAX_PLATFORMS="cpu",
+                  XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     procs = []
     for i in range(n_proc):
         extra = [] if n_proc == 1 else [

@@ -65,9 +65,9 @@ def test_prune_heal_evaluate_and_resume(tiny_gguf, tmp_path):
 
 def test_taylor_plus_protection_and_no_healing(tiny_gguf, tmp_path):
     # the paper's "+" keeps the first four and last two blocks: nothing of 4 is removable
-    proc = _run(_cmd(tiny_gguf, tmp_path / "a", "prune=taylor_plus_20pct", "prune.ratio=0.25"))
-    assert proc.returncode != 0
-    assert "cannot remove 1 of 4 blocks: only 0 are removable (keep_first=4" in proc.stderr
+    code, _, err = run_app_here("prune", *_cmd(tiny_gguf, tmp_path / "a", "prune=taylor_plus_20pct",
+                                               "prune.ratio=0.25")[2:])
+    assert code != 0 and "cannot remove 1 of 4 blocks: only 0 are removable (keep_first=4" in err
     assert not (tmp_path / "a" / "block_scores.json").exists()
     proc = _run(_cmd(tiny_gguf, tmp_path / "b", "prune=taylor_plus_20pct", "prune.ratio=0.25",
                      "prune.keep_first=1", "prune.keep_last=0", "prune.heal=false"))
