@@ -151,4 +151,9 @@ def test_malformed_run_dirs_are_named(tmp_path):
     (tmp_path / "d" / "results.json").write_text(json.dumps({"recipe": {
         "base": "smollm2-135m-instruct", "finetune": "full"}}))
     with pytest.raises(RunFormatError, match="holds no checkpoint"):
-        load_run_model(tmp_path / "d")
+        load_run_model(tmp_path / "d")         # before the base model loads (io/run_model.py)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "results.json").write_text(json.dumps({"recipe": {
+        "base": "smollm2-135m-instruct", "finetune": "lora", "adapter_dir": "/moved/away"}}))
+    with pytest.raises(RunFormatError, match="but no adapter directory"):
+        load_run_model(tmp_path / "e")
