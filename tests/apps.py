@@ -2,13 +2,14 @@
 `app_env()`, and runs that must fail on bad settings in this process (`run_app_here`).
 
 Why `run_app_here`: a test of a bad setting fails in milliseconds, but a subprocess spends
-5-6 s importing JAX, Hydra and lm-eval first. Hydra's main is called as the command line calls
+about 3.5 s importing JAX, Hydra and lm-eval first (test_pipeline.py's one real-process case:
+3.2-3.5 s). Hydra's main is called as the command line calls
 it (sys.argv, its error report on stderr, exit code 1), in this process. The command line's
 error path itself is still checked in a real process once (test_pipeline.py).
 
 Tried and left out: XLA's cheap compile settings for the subprocess runs
 (`--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true`). A tiny
-evaluation-heavy run compiles 35% faster, but unoptimised code runs slower: a 24-step full
+evaluation-heavy pipeline run took 35 s instead of 48 s, but unoptimised code runs slower: a 24-step full
 fine-tune's heal went 13.1 s -> 19.5 s, and the subprocess files took longer in all.
 """
 from __future__ import annotations

@@ -26,13 +26,13 @@ def tiny_gguf(tmp_path_factory):
     return path
 
 
-def _cmd(gguf, run_dir, *extra, steps=STEPS, dir_key="hydra.run.dir"):
+def _cmd(gguf, run_dir, *extra, steps=STEPS):
     return [sys.executable, str(ROOT / "experiments" / "finetune.py"), f"model.source={gguf}",
             "data=synthetic", "data.synthetic_size=160", "data.val_size=16", "data.cutoff_len=320",
             "data.seq_len=320", f"train.steps={steps}", "train.batch_size=4", "train.save_every=2",
             "train.eval_every=6", "train.warmup_steps=2", "train.lr=1e-3", "logger=disabled",
             "eval.ppl_tokens=128", "eval.ctx_len=32", "eval.samples=2", "eval.max_new_tokens=4",
-            f"{dir_key}={run_dir}", *extra]
+            f"hydra.run.dir={run_dir}", *extra]
 
 
 def _final_state(run_dir):
