@@ -30,6 +30,7 @@ METRICS = {
     "file_mb": ("GGUF MiB", lambda v: f"{v:.1f}"),
     "gen_tok_s_1t": ("llama.cpp tok/s 1t", lambda v: f"{v:.0f}"),
     "gen_tok_s_2t": ("llama.cpp tok/s 2t", lambda v: f"{v:.0f}"),
+    "eval_time_s": ("eval time (s)", lambda v: f"{v:.0f}"),        # the evaluation stage's wall time
 }
 STDERR_NOTE = ("Task columns: ± lm-eval's standard error for one run; over several seeds, "
                "mean ± std over the seeds, the mean standard error in parentheses.")
